@@ -1,0 +1,1 @@
+"""The launcher: prepares weights, spawns shards and the router. Not built yet."""

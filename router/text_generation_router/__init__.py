@@ -1,0 +1,1 @@
+"""The router: continuous batching and the client APIs (HTTP, OpenAI, gRPC). Not built yet."""

@@ -1,0 +1,1 @@
+"""Model shards: checkpoint loading, the native InternLM2/Llama models and the paged-KV engine."""

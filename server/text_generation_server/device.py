@@ -1,0 +1,83 @@
+"""The one place that knows which accelerator runs the model.
+
+CPU is the default and the reference. CUDA and Ascend NPU (`torch_npu`) are chosen here and nowhere else:
+the rest of the server asks this module for the device, for synchronisation and for free memory, and
+never calls `torch.cuda` or `torch_npu` itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+DEVICE_KINDS = ("auto", "cpu", "cuda", "npu")
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+
+    return torch.npu.is_available() and torch.npu.device_count() > 0
+
+
+def select_device(kind: str = "auto", rank: int = 0) -> torch.device:
+    """`auto`: an NPU if torch_npu is importable and sees devices, else CUDA, else CPU."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {kind!r}; choose one of {', '.join(DEVICE_KINDS)}")
+    if kind == "auto":
+        kind = "npu" if _npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        index = rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if not _npu_available():
+        raise ValueError("--device npu was asked for but torch_npu is not installed or sees no NPU")
+    index = rank % torch.npu.device_count()
+    torch.npu.set_device(index)
+    return torch.device("npu", index)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "npu":
+        torch.npu.empty_cache()
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory that a KV cache could still take on this device (for CPU: MemAvailable of the host)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "npu":
+        return torch.npu.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """None picks the device's natural dtype: float32 on CPU (the exactness reference), bfloat16 elsewhere."""
+    if name is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,145 @@
+"""InternLM2 (internlm2-chat-1_8b/7b/20b, internlm2_5) on a paged KV cache.
+
+Modules keep the checkpoint's names (`tok_embeddings`, `attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`,
+`attention_norm`, `ffn_norm`, `norm`, `output`), so loading is a walk over those names with no mapping table.
+The one transformation is the fused `wqkv`, which is de-interleaved once at load time (see `split_wqkv`).
+The model code is device-neutral; the Ascend NPU runs it through the fused kernels chosen by the device layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
+from text_generation_server.layers.layernorm import RMSNorm
+from text_generation_server.layers.linear import Linear
+from text_generation_server.models.config import ModelConfig
+
+
+def split_wqkv(
+    wqkv: torch.Tensor, num_kv_heads: int, num_queries_per_kv: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split InternLM2's fused wqkv (weight [rows, hidden] or bias [rows]) into q, k and v.
+
+    Rows are grouped per KV head g = 0…KV−1, each group holding G = num_queries_per_kv query heads, then the key
+    head, then the value head: [q(g·G), …, q(g·G+G−1), k(g), v(g)], D rows each. So row (g·(G+2) + s)·D + d is
+    element d of query head g·G+s for s < G, of key head g for s = G and of value head g for s = G+1.
+    It is never a contiguous [q | k | v].
+    """
+    trailing = wqkv.shape[1:]
+    groups = wqkv.reshape(num_kv_heads, num_queries_per_kv + 2, head_dim, *trailing)
+    q = groups[:, :num_queries_per_kv].reshape(num_kv_heads * num_queries_per_kv * head_dim, *trailing)
+    k = groups[:, num_queries_per_kv].reshape(num_kv_heads * head_dim, *trailing)
+    v = groups[:, num_queries_per_kv + 1].reshape(num_kv_heads * head_dim, *trailing)
+    return q, k, v
+
+
+def fuse_wqkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int, head_dim: int
+) -> torch.Tensor:
+    """The inverse of `split_wqkv`: separate q/k/v rows back into InternLM2's per-group layout."""
+    trailing = q.shape[1:]
+    groups = torch.cat(
+        [
+            q.reshape(num_kv_heads, -1, head_dim, *trailing),
+            k.reshape(num_kv_heads, 1, head_dim, *trailing),
+            v.reshape(num_kv_heads, 1, head_dim, *trailing),
+        ],
+        dim=1,
+    )
+    return groups.reshape(-1, *trailing)
+
+
+class InternLM2Attention(PagedSelfAttention):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+        super().__init__(
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_index
+        )
+        hidden, heads, kv_heads, head_dim = (
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        )
+        rows = (heads + 2 * kv_heads) * head_dim
+        fused = weights.get_tensor(f"{prefix}.wqkv.weight", (rows, hidden))
+        fused_bias = weights.get_tensor(f"{prefix}.wqkv.bias", (rows,)) if config.attention_bias else None
+        # wqkv is held as [q | k | v] rows so the forward splits it with one cheap `split`
+        self.wqkv = Linear(
+            self._to_contiguous_qkv(fused, config),
+            self._to_contiguous_qkv(fused_bias, config) if fused_bias is not None else None,
+        )
+        self.wo = Linear.load(weights, f"{prefix}.wo", heads * head_dim, hidden, bias=config.attention_bias)
+
+    @staticmethod
+    def _to_contiguous_qkv(fused: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+        q, k, v = split_wqkv(fused, config.num_key_value_heads, config.num_queries_per_kv, config.head_dim)
+        return torch.cat([q, k, v], dim=0)
+
+    def project_qkv(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.wqkv(hidden)
+
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.wo(attended)
+
+
+class InternLM2MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, prefix: str, config: ModelConfig, weights):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.w1 = Linear.load(weights, f"{prefix}.w1", hidden, inner)
+        self.w3 = Linear.load(weights, f"{prefix}.w3", hidden, inner)
+        self.w2 = Linear.load(weights, f"{prefix}.w2", inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+        super().__init__()
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.attention_norm = RMSNorm.load(weights, f"{prefix}.attention_norm", hidden, eps)
+        self.attention = InternLM2Attention(f"{prefix}.attention", config, weights, layer_index)
+        self.ffn_norm = RMSNorm.load(weights, f"{prefix}.ffn_norm", hidden, eps)
+        self.feed_forward = InternLM2MLP(f"{prefix}.feed_forward", config, weights)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), kv_cache, meta)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class InternLM2Model(nn.Module):
+    def __init__(self, prefix: str, config: ModelConfig, weights):
+        super().__init__()
+        shape = (config.vocab_size, config.hidden_size)
+        self.tok_embeddings = nn.Embedding.from_pretrained(
+            weights.get_tensor(f"{prefix}.tok_embeddings.weight", shape), freeze=True
+        )
+        self.layers = nn.ModuleList(
+            InternLM2DecoderLayer(f"{prefix}.layers.{i}", config, weights, i)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class FlashInternlm2ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, weights):
+        super().__init__()
+        self.model = InternLM2Model("model", config, weights)
+        self.output = Linear.load(weights, "output", config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden]."""
+        return self.model(input_ids, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return self.output(hidden).float()

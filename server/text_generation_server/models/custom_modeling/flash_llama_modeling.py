@@ -1,0 +1,107 @@
+"""Llama (Hugging Face `LlamaForCausalLM` checkpoints) on a paged KV cache.
+
+Module names follow the checkpoint, except that q/k/v are stacked into one `qkv_proj` at load time so the
+forward does one projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
+from text_generation_server.layers.layernorm import RMSNorm
+from text_generation_server.layers.linear import Linear
+from text_generation_server.models.config import ModelConfig
+
+
+class LlamaAttention(PagedSelfAttention):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+        super().__init__(
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_index
+        )
+        hidden, bias = config.hidden_size, config.attention_bias
+        q_rows = config.num_attention_heads * config.head_dim
+        kv_rows = config.num_key_value_heads * config.head_dim
+        parts = [
+            Linear.load(weights, f"{prefix}.{name}", hidden, rows, bias=bias)
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))
+        ]
+        self.qkv_proj = Linear(
+            torch.cat([part.weight for part in parts]),
+            torch.cat([part.bias for part in parts]) if bias else None,
+        )
+        self.o_proj = Linear.load(weights, f"{prefix}.o_proj", q_rows, hidden, bias=bias)
+
+    def project_qkv(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.qkv_proj(hidden)
+
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attended)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate x) · up x)."""
+
+    def __init__(self, prefix: str, config: ModelConfig, weights):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear.load(weights, f"{prefix}.gate_proj", hidden, inner)
+        self.up_proj = Linear.load(weights, f"{prefix}.up_proj", hidden, inner)
+        self.down_proj = Linear.load(weights, f"{prefix}.down_proj", inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+        super().__init__()
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm", hidden, eps)
+        self.self_attn = LlamaAttention(f"{prefix}.self_attn", config, weights, layer_index)
+        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", hidden, eps)
+        self.mlp = LlamaMLP(f"{prefix}.mlp", config, weights)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, prefix: str, config: ModelConfig, weights):
+        super().__init__()
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            weights.get_tensor(f"{prefix}.embed_tokens.weight", shape), freeze=True
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(f"{prefix}.layers.{i}", config, weights, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class FlashLlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, weights):
+        super().__init__()
+        self.model = LlamaModel("model", config, weights)
+        # A tied head reuses the embedding; some tied checkpoints still carry a copy of it as lm_head.weight.
+        if config.tie_word_embeddings and not weights.has("lm_head.weight"):
+            self.lm_head = Linear(self.model.embed_tokens.weight)
+        else:
+            self.lm_head = Linear.load(weights, "lm_head", config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden]."""
+        return self.model(input_ids, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,144 @@
+"""Test helpers: a tiny KV block allocator, request builders and an independent InternLM2 -> Llama conversion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from text_generation_server.models.types import Request, SamplingParameters, StoppingParameters
+
+
+class BlockAllocator:
+    """Hands out KV blocks the way the router will: a free list, blocks returned when a request ends."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.free = list(range(num_blocks))
+
+    def allocate(self, tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        count = -(-tokens // self.block_size)
+        assert count <= len(self.free), "test allocator ran out of blocks"
+        # take from the end and reverse: a request's blocks are deliberately not contiguous or ascending
+        blocks = tuple(reversed([self.free.pop() for _ in range(count)]))
+        slots = tuple(blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(tokens))
+        return blocks, slots
+
+    def release(self, blocks) -> None:
+        self.free.extend(blocks)
+
+
+def make_request(
+    allocator: BlockAllocator,
+    request_id: int,
+    input_ids,
+    max_new_tokens: int = 8,
+    ignore_eos: bool = True,
+    parameters: SamplingParameters = SamplingParameters(),
+    **kwargs,
+) -> Request:
+    blocks, slots = allocator.allocate(len(input_ids) + max_new_tokens)
+    return Request(
+        id=request_id,
+        input_ids=tuple(input_ids),
+        blocks=blocks,
+        slots=slots,
+        parameters=parameters,
+        stopping=StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos_token=ignore_eos, **kwargs.pop("stopping", {})),
+        **kwargs,
+    )
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    if not tensors:
+        for path in sorted(model_dir.glob("pytorch_model*.bin")):
+            tensors.update(torch.load(path, weights_only=True))
+    return tensors
+
+
+def split_wqkv_by_rows(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
+    """Row selection straight from the layout formula: row (g·(G+2)+s)·D + d (internlm2.md §3.1).
+
+    Deliberately written with index lists, unlike the engine's reshape, so that the two cannot share a bug.
+    """
+    group = heads // kv_heads
+
+    def rows(group_and_slot):
+        return [(g * (group + 2) + s) * head_dim + d for g, s in group_and_slot for d in range(head_dim)]
+
+    q_rows = rows([(h // group, h % group) for h in range(heads)])
+    k_rows = rows([(g, group) for g in range(kv_heads)])
+    v_rows = rows([(g, group + 1) for g in range(kv_heads)])
+    return wqkv[q_rows], wqkv[k_rows], wqkv[v_rows]
+
+
+def internlm2_to_llama(src: Path, dst: Path) -> Path:
+    """Write `src` (an InternLM2 checkpoint) as a Hugging Face Llama checkpoint in `dst`."""
+    config = json.loads((src / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    renames = {
+        "model.tok_embeddings.weight": "model.embed_tokens.weight",
+        "output.weight": "lm_head.weight",
+        "model.norm.weight": "model.norm.weight",
+    }
+    layer_renames = {
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "attention.wo.bias": "self_attn.o_proj.bias",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+    }
+    out = {}
+    for name, tensor in read_checkpoint(src).items():
+        if name in renames:
+            out[renames[name]] = tensor
+            continue
+        prefix, _, rest = name.partition(".layers.")
+        index, _, leaf = rest.partition(".")
+        base = f"model.layers.{index}."
+        if leaf.startswith("attention.wqkv."):
+            kind = leaf.rsplit(".", 1)[-1]
+            q, k, v = split_wqkv_by_rows(tensor, heads, kv_heads, head_dim)
+            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[f"{base}self_attn.{proj}.{kind}"] = part.contiguous()
+        else:
+            out[base + layer_renames[leaf]] = tensor
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    llama_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": config["vocab_size"],
+        "max_position_embeddings": config["max_position_embeddings"],
+        "rms_norm_eps": config["rms_norm_eps"],
+        "rope_theta": config["rope_theta"],
+        "rope_scaling": config.get("rope_scaling"),
+        "attention_bias": config.get("bias", False),
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": config.get("torch_dtype", "float32"),
+    }
+    (dst / "config.json").write_text(json.dumps(llama_config, indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    return dst
