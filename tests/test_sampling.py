@@ -339,11 +339,14 @@ def test_stop_sequence_spanning_two_tokens():
     assert criteria(12, "er:") == FinishReason.STOP_SEQUENCE
 
 
-def test_stop_sequence_must_be_at_the_end():
+def test_stop_sequence_inside_a_token_counts_once():
     criteria = StoppingCriteria(EOS, StoppingParameters(stop_sequences=("ab", "zz")))
-    assert criteria(1, "xabc") is None  # "ab" inside, not at the end: TGI matches only at the end
-    assert criteria(3, "z") is None
-    assert criteria(4, "z") == FinishReason.STOP_SEQUENCE
+    assert criteria(1, "xabc") == FinishReason.STOP_SEQUENCE  # "ab" ends inside this token's text
+    criteria = StoppingCriteria(EOS, StoppingParameters(stop_sequences=("zz",)))
+    assert criteria(1, "zaz") is None
+    assert criteria(3, "y") is None
+    assert criteria(4, "z") is None  # "yz": the earlier "z" is no longer adjacent
+    assert criteria(5, "z") == FinishReason.STOP_SEQUENCE
 
 
 def test_stop_sequence_still_found_after_much_text():

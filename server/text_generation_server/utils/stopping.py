@@ -4,7 +4,9 @@ Called once per generated token:
   1. the token is counted; once max_new_tokens have been generated -> LENGTH (checked before EOS, so an EOS
      that is the last allowed token reports LENGTH, as in TGI);
   2. an EOS id, unless ignore_eos_token -> EOS_TOKEN;
-  3. the generated text so far ends with a stop sequence -> STOP_SEQUENCE (the stop text stays in the output).
+  3. a stop sequence completed by this token's text -> STOP_SEQUENCE (the stop text stays in the output).
+     Unlike TGI, which only matches at the very end of the text, a stop sequence that ends inside the token's
+     text counts too: a token "Hello" stops the request at stop sequence "Hell".
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class StoppingCriteria:
         self.stop_sequences = tuple(params.stop_sequences)
         self.ignore_eos_token = params.ignore_eos_token
         self.generated_tokens = 0
-        # Only the end of the text can match, so the tail as long as the longest stop sequence is enough.
+        # Text older than the longest stop sequence can no longer start a match, so a tail that long is kept.
         self._tail_length = max((len(stop) for stop in self.stop_sequences), default=0)
         self._text_tail = ""
 
@@ -35,11 +37,13 @@ class StoppingCriteria:
             return FinishReason.LENGTH
         if not self.ignore_eos_token and token_id in self.eos_token_ids:
             return FinishReason.EOS_TOKEN
-        if self.stop_sequences and self._ends_with_stop_sequence(token_text):
+        if self.stop_sequences and self._completes_stop_sequence(token_text):
             return FinishReason.STOP_SEQUENCE
         return None
 
-    def _ends_with_stop_sequence(self, token_text: str) -> bool:
-        # Invariant: _text_tail holds the last <= _tail_length characters of the generated text.
-        self._text_tail = (self._text_tail + token_text)[-self._tail_length :]
-        return any(self._text_tail.endswith(stop) for stop in self.stop_sequences)
+    def _completes_stop_sequence(self, token_text: str) -> bool:
+        # Invariant: _text_tail holds the last <= _tail_length - 1 characters before this token, so every match
+        # found in `window` ends inside the new text and none was already reported by an earlier token.
+        window = self._text_tail + token_text
+        self._text_tail = window[len(window) - self._tail_length + 1 :] if self._tail_length > 1 else ""
+        return any(stop in window for stop in self.stop_sequences)
