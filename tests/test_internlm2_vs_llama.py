@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from text_generation_server.models import get_model
 from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
+from text_generation_server.models.flash_llama import FlashLlama
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 256
@@ -40,7 +41,7 @@ def pair(request, tmp_path_factory):
     ours = get_model(src, dtype="float32", device="cpu")
     ours.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
     reference = LlamaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
-    return ours, reference, request.param
+    return ours, reference, request.param, dst
 
 
 def prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
@@ -60,7 +61,7 @@ def reset_dynamic_rope(reference: LlamaForCausalLM) -> None:
 
 
 def test_prefill_logits_match(pair):
-    ours, reference, name = pair
+    ours, reference, name, _ = pair
     allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
     batch_prompts = prompts(ours.config.vocab_size, prompt_lengths(name))
     requests = [make_request(allocator, i, p, max_new_tokens=1) for i, p in enumerate(batch_prompts)]
@@ -78,7 +79,7 @@ def test_prefill_logits_match(pair):
 
 
 def test_greedy_tokens_match(pair):
-    ours, reference, name = pair
+    ours, reference, name, _ = pair
     new_tokens = 12
     allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
     batch_prompts = prompts(ours.config.vocab_size, prompt_lengths(name), seed=1)
@@ -100,3 +101,46 @@ def test_greedy_tokens_match(pair):
                 pad_token_id=0,
             )[0, len(prompt) :].tolist()
         assert produced[request.id] == expected, f"prompt of {len(prompt)} tokens"
+
+
+def test_flash_llama_serves_the_converted_checkpoint(pair):
+    """The Llama route: our FlashLlama on the converted directory gives transformers' logits too."""
+    ours, reference, name, llama_dir = pair
+    llama = get_model(llama_dir, dtype="float32", device="cpu")
+    assert type(llama) is FlashLlama
+    llama.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+    allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
+    batch_prompts = prompts(ours.config.vocab_size, prompt_lengths(name)[-3:], seed=2)
+    batch = FlashCausalLMBatch.from_requests(
+        0, [make_request(allocator, i, p) for i, p in enumerate(batch_prompts)], llama
+    )
+    logits = llama.forward(batch)  # last token of each prompt
+    for row, prompt in zip(logits, batch_prompts):
+        reset_dynamic_rope(reference)
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(row, expected, atol=1e-4, rtol=0)
+
+
+def test_flash_llama_on_a_transformers_saved_tied_checkpoint(tiny_internlm2_dir, tmp_path):
+    """A checkpoint written by transformers itself (save_pretrained), with a tied head and no lm_head tensor."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_internlm2_dir / name, tmp_path / name)
+    llama = get_model(tmp_path, dtype="float32", device="cpu")
+    llama.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+    prompt = prompts(1000, [17])[0]
+    batch = FlashCausalLMBatch.from_requests(0, [make_request(BlockAllocator(NUM_BLOCKS, BLOCK_SIZE), 0, prompt)], llama)
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(llama.forward(batch, every_position=True), expected, atol=1e-4, rtol=0)
