@@ -7,6 +7,7 @@ prefilled batches join (`concatenate`); a request's tokens never depend on its n
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from text_generation_server import device as device_layer
 from text_generation_server.layers.attention import AttentionMetadata, KVCache
 from text_generation_server.layers.rotary import RotaryEmbedding
 from text_generation_server.models.config import ModelConfig, read_eos_token_ids, read_json
@@ -22,6 +24,8 @@ from text_generation_server.models.types import (
     GeneratedText,
     Generation,
     Request,
+    SamplingParameters,
+    StoppingParameters,
     Tokens,
 )
 from text_generation_server.utils.sampling import NextTokenChooser, top_n_tokens
@@ -175,6 +179,68 @@ class FlashCausalLM:
             c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device
         )
         return self.kv_cache
+
+    def warmup(
+        self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int, memory_fraction: float
+    ) -> KVCache:
+        """Run the largest prefill the limits allow, then size the KV cache from the memory left.
+
+        The warmup batch packs `max_prefill_tokens` prompt tokens into requests of at most `max_input_tokens`,
+        each sampling with every processor on, so a forward of that size is known to fit. The cache then takes
+        `memory_fraction` of the device memory available afterwards (on CPU: of the host's available RAM).
+        """
+        if not 1 <= max_input_tokens < max_total_tokens:
+            raise ValueError(
+                f"need 1 <= max_input_tokens ({max_input_tokens}) < max_total_tokens ({max_total_tokens})"
+            )
+        if max_prefill_tokens < max_input_tokens:
+            raise ValueError(
+                f"max_prefill_tokens ({max_prefill_tokens}) must be >= max_input_tokens ({max_input_tokens})"
+            )
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        block_size = DEFAULT_BLOCK_SIZE
+        lengths = [max_input_tokens] * (max_prefill_tokens // max_input_tokens)
+        if max_prefill_tokens % max_input_tokens:
+            lengths.append(max_prefill_tokens % max_input_tokens)
+        per_request = [math.ceil((length + 1) / block_size) for length in lengths]
+        self.allocate_kv_cache(sum(per_request), block_size)
+        sampling = SamplingParameters(
+            temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=True, repetition_penalty=1.2,
+            frequency_penalty=0.1,
+        )
+        filler = self.tokenizer.encode("_test ", add_special_tokens=False) or [0]
+        requests, first_block = [], 0
+        for i, (length, blocks) in enumerate(zip(lengths, per_request)):
+            block_ids = tuple(range(first_block, first_block + blocks))
+            first_block += blocks
+            requests.append(
+                Request(
+                    id=i,
+                    input_ids=tuple(itertools.islice(itertools.cycle(filler), length)),
+                    blocks=block_ids,
+                    slots=tuple(block_ids[p // block_size] * block_size + p % block_size for p in range(length + 1)),
+                    parameters=sampling,
+                    stopping=StoppingParameters(max_new_tokens=2, ignore_eos_token=True),
+                    top_n_tokens=5,
+                )
+            )
+        batch: FlashCausalLMBatch | None = FlashCausalLMBatch.from_requests(0, requests, self)
+        while batch is not None:
+            _, batch = self.generate_token(batch)
+        self.kv_cache = None
+        device_layer.empty_cache(self.device)
+
+        budget = int(device_layer.available_memory_bytes(self.device) * memory_fraction)
+        num_blocks = budget // (self.kv_bytes_per_token * block_size)
+        needed = math.ceil(max_total_tokens / block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache gets {budget} bytes ({num_blocks} blocks of {block_size} tokens), less than one "
+                f"request of max_total_tokens {max_total_tokens} needs; lower max_total_tokens or raise the "
+                f"memory fraction"
+            )
+        return self.allocate_kv_cache(num_blocks, block_size)
 
     def validate_request(self, request: Request) -> None:
         """Refuse, with a message naming the bad value, what the engine cannot run."""

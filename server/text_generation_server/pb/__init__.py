@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (`make stubs`); the contract itself is proto/*.proto."""
