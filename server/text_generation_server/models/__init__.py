@@ -13,6 +13,7 @@ import torch
 
 from text_generation_server.device import parse_dtype, select_device
 from text_generation_server.models.config import ModelConfig, read_json
+from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 
 if TYPE_CHECKING:
     from text_generation_server.models.flash_causal_lm import FlashCausalLM
@@ -46,8 +47,12 @@ def resolve_architecture(config: dict) -> str:
 
 
 def get_model(
-    model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "auto"
+    model_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "auto",
+    tp: TensorParallelGroup = SINGLE_RANK,
 ) -> FlashCausalLM:
+    """The engine for `model_dir`, on `device`, holding this rank's part of the weights when `tp` has several."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -59,4 +64,4 @@ def get_model(
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     module_name, class_name = MODEL_REGISTRY[architecture]
     model_class = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
-    return model_class(model_dir, config, dtype, device)
+    return model_class(model_dir, config, dtype, device, tp)

@@ -51,6 +51,18 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def check_world_size(self, world_size: int) -> None:
+        """Tensor parallelism splits heads, KV heads and the MLP evenly: refuse a world size that cannot."""
+        sizes = (self.num_attention_heads, self.num_key_value_heads, self.intermediate_size)
+        if all(size % world_size == 0 for size in sizes):
+            return
+        valid = [n for n in range(1, self.num_key_value_heads + 1) if all(size % n == 0 for size in sizes)]
+        raise ValueError(
+            f"world size {world_size} does not divide the model's {self.num_key_value_heads} KV heads and "
+            f"{self.num_attention_heads} attention heads (intermediate size {self.intermediate_size}); "
+            f"valid world sizes: {', '.join(map(str, valid))}"
+        )
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], architecture: str) -> ModelConfig:
         defaults = _DEFAULTS[architecture]

@@ -31,6 +31,7 @@ from text_generation_server.models.types import (
 from text_generation_server.utils.sampling import NextTokenChooser, top_n_tokens
 from text_generation_server.utils.stopping import StoppingCriteria
 from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 from text_generation_server.utils.weights import Weights, weight_files
 
 DEFAULT_BLOCK_SIZE = 16
@@ -142,13 +143,24 @@ class FlashCausalLM:
 
     model_class: type[torch.nn.Module]  # set by each architecture's subclass
 
-    def __init__(self, model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        model_dir: Path,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallelGroup = SINGLE_RANK,
+    ):
+        config.check_world_size(tp.world_size)
         self.model_dir = model_dir
         self.config = config
         self.dtype = dtype
         self.device = device
+        self.tp = tp
+        # KV heads held by this rank: the cache is split over the ranks like the attention
+        self.num_kv_heads = config.num_key_value_heads // tp.world_size
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config.vocab_size)
-        weights = Weights(weight_files(model_dir), dtype, device)
+        weights = Weights(weight_files(model_dir), dtype, device, tp)
         self.model = self.model_class(config, weights).eval()
         weights.check_all_used()
         weights.close()
@@ -169,14 +181,15 @@ class FlashCausalLM:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes on this rank."""
         c = self.config
-        return KVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype)
+        return KVCache.bytes_per_token(c.num_hidden_layers, self.num_kv_heads, c.head_dim, self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:
         self.kv_cache = None  # drop the old cache before allocating the new one
         c = self.config
         self.kv_cache = KVCache(
-            c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device
+            c.num_hidden_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype, self.device
         )
         return self.kv_cache
 

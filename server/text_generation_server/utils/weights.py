@@ -17,6 +17,8 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
+
 # Buffers some exporters save that are not weights: recomputed by the model, never loaded.
 IGNORED_TENSORS = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
@@ -100,9 +102,16 @@ class Weights:
     must then come back from disk in the middle of a request.
     """
 
-    def __init__(self, files: Sequence[Path], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallelGroup = SINGLE_RANK,
+    ):
         self.dtype = dtype
         self.device = device
+        self.tp = tp  # which slices the layers read: see layers/linear.py
         self._routing: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._used: set[str] = set()

@@ -14,7 +14,13 @@ from torch import nn
 
 from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
 from text_generation_server.layers.layernorm import RMSNorm
-from text_generation_server.layers.linear import Linear
+from text_generation_server.layers.linear import (
+    Linear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    load_column_shard,
+)
 from text_generation_server.models.config import ModelConfig
 
 
@@ -54,26 +60,27 @@ def fuse_wqkv(
 
 class InternLM2Attention(PagedSelfAttention):
     def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
-        super().__init__(
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_index
-        )
+        tp = weights.tp
         hidden, heads, kv_heads, head_dim = (
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )
+        local_kv_heads = kv_heads // tp.world_size
+        super().__init__(heads // tp.world_size, local_kv_heads, head_dim, layer_index)
+        # Groups are contiguous, so an even row block of wqkv holds exactly KV/world whole groups: q heads
+        # r·H/world… and their key/value heads. Each rank then splits its block with the same formula.
         rows = (heads + 2 * kv_heads) * head_dim
-        fused = weights.get_tensor(f"{prefix}.wqkv.weight", (rows, hidden))
-        fused_bias = weights.get_tensor(f"{prefix}.wqkv.bias", (rows,)) if config.attention_bias else None
-        # wqkv is held as [q | k | v] rows so the forward splits it with one cheap `split`
-        self.wqkv = Linear(
-            self._to_contiguous_qkv(fused, config),
-            self._to_contiguous_qkv(fused_bias, config) if fused_bias is not None else None,
-        )
-        self.wo = Linear.load(weights, f"{prefix}.wo", heads * head_dim, hidden, bias=config.attention_bias)
+        start, stop = tp.shard_range(rows)
+        fused = weights.get_rows(f"{prefix}.wqkv.weight", start, stop, (rows, hidden))
+        fused_bias = weights.get_rows(f"{prefix}.wqkv.bias", start, stop, (rows,)) if config.attention_bias else None
 
-    @staticmethod
-    def _to_contiguous_qkv(fused: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-        q, k, v = split_wqkv(fused, config.num_key_value_heads, config.num_queries_per_kv, config.head_dim)
-        return torch.cat([q, k, v], dim=0)
+        def as_q_k_v_rows(block: torch.Tensor) -> torch.Tensor:
+            # held as [q | k | v] rows so the forward splits the projection with one cheap `split`
+            return torch.cat(split_wqkv(block, local_kv_heads, config.num_queries_per_kv, head_dim))
+
+        self.wqkv = Linear(as_q_k_v_rows(fused), as_q_k_v_rows(fused_bias) if fused_bias is not None else None)
+        self.wo = RowParallelLinear.load(
+            weights, f"{prefix}.wo", heads * head_dim, hidden, bias=config.attention_bias
+        )
 
     def project_qkv(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.wqkv(hidden)
@@ -83,14 +90,14 @@ class InternLM2Attention(PagedSelfAttention):
 
 
 class InternLM2MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+    """SwiGLU: w2(silu(w1 x) · w3 x); w1/w3 split by output rows, w2 by input columns."""
 
     def __init__(self, prefix: str, config: ModelConfig, weights):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.w1 = Linear.load(weights, f"{prefix}.w1", hidden, inner)
-        self.w3 = Linear.load(weights, f"{prefix}.w3", hidden, inner)
-        self.w2 = Linear.load(weights, f"{prefix}.w2", inner, hidden)
+        self.w1 = load_column_shard(weights, f"{prefix}.w1", hidden, inner)
+        self.w3 = load_column_shard(weights, f"{prefix}.w3", hidden, inner)
+        self.w2 = RowParallelLinear.load(weights, f"{prefix}.w2", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -113,9 +120,8 @@ class InternLM2DecoderLayer(nn.Module):
 class InternLM2Model(nn.Module):
     def __init__(self, prefix: str, config: ModelConfig, weights):
         super().__init__()
-        shape = (config.vocab_size, config.hidden_size)
-        self.tok_embeddings = nn.Embedding.from_pretrained(
-            weights.get_tensor(f"{prefix}.tok_embeddings.weight", shape), freeze=True
+        self.tok_embeddings = VocabParallelEmbedding.load(
+            weights, f"{prefix}.tok_embeddings", config.vocab_size, config.hidden_size
         )
         self.layers = nn.ModuleList(
             InternLM2DecoderLayer(f"{prefix}.layers.{i}", config, weights, i)
@@ -134,7 +140,7 @@ class FlashInternlm2ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, weights):
         super().__init__()
         self.model = InternLM2Model("model", config, weights)
-        self.output = Linear.load(weights, "output", config.hidden_size, config.vocab_size)
+        self.output = ParallelLMHead.load(weights, "output", config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
@@ -142,4 +148,4 @@ class FlashInternlm2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.output(hidden).float()
+        return self.output(hidden)

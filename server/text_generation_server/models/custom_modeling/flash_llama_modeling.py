@@ -12,27 +12,35 @@ from torch import nn
 
 from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
 from text_generation_server.layers.layernorm import RMSNorm
-from text_generation_server.layers.linear import Linear
+from text_generation_server.layers.linear import (
+    Linear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    load_column_shard,
+)
 from text_generation_server.models.config import ModelConfig
 
 
 class LlamaAttention(PagedSelfAttention):
     def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+        world = weights.tp.world_size
         super().__init__(
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_index
+            config.num_attention_heads // world, config.num_key_value_heads // world, config.head_dim, layer_index
         )
         hidden, bias = config.hidden_size, config.attention_bias
         q_rows = config.num_attention_heads * config.head_dim
         kv_rows = config.num_key_value_heads * config.head_dim
+        # each rank takes its block of heads from q, k and v: whole heads since world divides both counts
         parts = [
-            Linear.load(weights, f"{prefix}.{name}", hidden, rows, bias=bias)
+            load_column_shard(weights, f"{prefix}.{name}", hidden, rows, bias=bias)
             for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))
         ]
         self.qkv_proj = Linear(
             torch.cat([part.weight for part in parts]),
             torch.cat([part.bias for part in parts]) if bias else None,
         )
-        self.o_proj = Linear.load(weights, f"{prefix}.o_proj", q_rows, hidden, bias=bias)
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", q_rows, hidden, bias=bias)
 
     def project_qkv(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.qkv_proj(hidden)
@@ -42,14 +50,14 @@ class LlamaAttention(PagedSelfAttention):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) · up x)."""
+    """SwiGLU: down(silu(gate x) · up x); gate/up split by output rows, down by input columns."""
 
     def __init__(self, prefix: str, config: ModelConfig, weights):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear.load(weights, f"{prefix}.gate_proj", hidden, inner)
-        self.up_proj = Linear.load(weights, f"{prefix}.up_proj", hidden, inner)
-        self.down_proj = Linear.load(weights, f"{prefix}.down_proj", inner, hidden)
+        self.gate_proj = load_column_shard(weights, f"{prefix}.gate_proj", hidden, inner)
+        self.up_proj = load_column_shard(weights, f"{prefix}.up_proj", hidden, inner)
+        self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -72,9 +80,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, prefix: str, config: ModelConfig, weights):
         super().__init__()
-        shape = (config.vocab_size, config.hidden_size)
-        self.embed_tokens = nn.Embedding.from_pretrained(
-            weights.get_tensor(f"{prefix}.embed_tokens.weight", shape), freeze=True
+        self.embed_tokens = VocabParallelEmbedding.load(
+            weights, f"{prefix}.embed_tokens", config.vocab_size, config.hidden_size
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(f"{prefix}.layers.{i}", config, weights, i) for i in range(config.num_hidden_layers)
@@ -94,9 +101,9 @@ class FlashLlamaForCausalLM(nn.Module):
         self.model = LlamaModel("model", config, weights)
         # A tied head reuses the embedding; some tied checkpoints still carry a copy of it as lm_head.weight.
         if config.tie_word_embeddings and not weights.has("lm_head.weight"):
-            self.lm_head = Linear(self.model.embed_tokens.weight)
+            self.lm_head = ParallelLMHead(self.model.embed_tokens.weight, config.vocab_size, weights.tp)
         else:
-            self.lm_head = Linear.load(weights, "lm_head", config.hidden_size, config.vocab_size)
+            self.lm_head = ParallelLMHead.load(weights, "lm_head", config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
@@ -104,4 +111,4 @@ class FlashLlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
