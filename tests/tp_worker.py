@@ -12,7 +12,7 @@ from helpers import BlockAllocator, make_request
 
 from text_generation_server.models import get_model
 from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
-from text_generation_server.utils.dist import initialize_distributed
+from text_generation_server.utils.dist import initialize_distributed, shutdown_distributed
 
 PROMPT_LENGTHS = (3, 11, 25, 40)
 
@@ -37,6 +37,7 @@ def main(model_dir: str, out_file: str) -> None:
             tokens[g.request_id].extend(g.tokens.ids)
     if tp.rank == 0:
         torch.save({"logits": logits, "tokens": tokens, "kv_heads": model.num_kv_heads}, out_file)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

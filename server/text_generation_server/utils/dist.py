@@ -67,3 +67,10 @@ def initialize_distributed(device: torch.device) -> TensorParallelGroup:
         timeout=timedelta(seconds=int(os.environ.get("DISTRIBUTED_TIMEOUT_S", "600"))),
     )
     return TensorParallelGroup(rank, world_size, dist.group.WORLD)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group before exiting: gloo aborts the process if its threads outlive the interpreter."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
