@@ -42,26 +42,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from text_generation_server.device import DTYPES
 from text_generation_server.models.config import ModelConfig, read_json
 from text_generation_server.models.custom_modeling.flash_internlm2_modeling_ascend import (
     fuse_wqkv,
     split_wqkv,
 )
+from text_generation_server.models.flash_internlm2 import CHAT_TURN_END
+from text_generation_server.utils.weights import BIN_INDEX, IGNORED_TENSORS, SAFETENSORS_INDEX
 
 INTERNLM2 = "InternLM2ForCausalLM"
 LLAMA = "LlamaForCausalLM"
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-# Buffers some exporters save next to the weights; every loader recomputes them, so they are dropped.
-IGNORED_TENSORS = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 # (InternLM2 name, Llama name) outside the layers.
 GLOBAL_NAMES: tuple[tuple[str, str], ...] = (
@@ -92,7 +84,6 @@ INTERNLM2_SPECIAL_PIECES: dict[str, str] = {
     "[UNUSED_TOKEN_145]": "<|im_end|>",
     "[UNUSED_TOKEN_146]": "<|im_start|>",
 }
-CHAT_TURN_END = "<|im_end|>"
 
 # Files handled explicitly (or deliberately not carried): never copied verbatim.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
