@@ -181,8 +181,9 @@ def test_bad_requests_are_refused_with_the_value(model):
     good = make_request(allocator, 1, [5, 6, 7], max_new_tokens=4)
     with pytest.raises(ValueError, match="token id 1000"):
         FlashCausalLMBatch.from_requests(0, [make_request(allocator, 2, [5, 1000])], model)
-    with pytest.raises(ValueError, match="slots"):
-        FlashCausalLMBatch.from_requests(0, [good.__class__(**{**good.__dict__, "slots": good.slots[:3]})], model)
+    with pytest.raises(ValueError, match="cannot hold its 20 prompt tokens"):
+        long = make_request(allocator, 4, list(range(3, 23)), max_new_tokens=1)
+        FlashCausalLMBatch.from_requests(0, [long.__class__(**{**long.__dict__, "blocks": long.blocks[:1]})], model)
     with pytest.raises(ValueError, match="block 99999"):
         FlashCausalLMBatch.from_requests(0, [good.__class__(**{**good.__dict__, "blocks": (99999,)})], model)
     with pytest.raises(ValueError, match="not in its block table"):
@@ -305,3 +306,50 @@ def test_bin_checkpoint_is_converted_once_with_index(tmp_path_factory):
     stamp = (path / "model-00001-of-00002.safetensors").stat().st_mtime_ns
     get_model(path, dtype="float32", device="cpu")  # second load reads the converted files
     assert (path / "model-00001-of-00002.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_block_tables_grow_during_decode(model):
+    """Blocks given for the prompt only, appended one at a time when a request fills them: same tokens."""
+    prompts = [random_prompts(1, seed=30)[0][:14], random_prompts(1, seed=31)[0][:5]]
+    expected = [tokens_of(alone(model, p, max_new_tokens=20)) for p in prompts]
+
+    free = list(range(NUM_BLOCKS - 1, -1, -1))
+    requests = [
+        make_request(BlockAllocator(NUM_BLOCKS, BLOCK_SIZE), i, p, max_new_tokens=20) for i, p in enumerate(prompts)
+    ]
+    tables = [[free.pop() for _ in range(-(-len(p) // BLOCK_SIZE))] for p in prompts]
+    requests = [r.__class__(**{**r.__dict__, "blocks": tuple(t), "slots": ()}) for r, t in zip(requests, tables)]
+    batch = FlashCausalLMBatch.from_requests(0, requests, model)
+    produced = {0: [], 1: []}
+    grown = 0
+    while batch is not None:
+        # the next forward writes position len(ids) - 1 of each request: give it a block when it has none
+        extensions = {}
+        for rid, ids, table in zip(batch.request_ids, batch.all_input_ids, batch.block_tables):
+            if not batch.is_prefill and len(ids) - 1 >= len(table) * BLOCK_SIZE:
+                extensions[rid] = [free.pop()]
+        grown += len(extensions)
+        model.extend_block_tables(batch, extensions)
+        generations, batch = model.generate_token(batch)
+        for g in generations:
+            produced[g.request_id].extend(g.tokens.ids)
+    assert grown >= 2
+    assert [produced[0], produced[1]] == expected
+
+
+def test_decode_without_a_block_for_the_next_position_is_refused(model):
+    prompt = list(range(3, 3 + BLOCK_SIZE))  # fills its only block exactly
+    request = make_request(BlockAllocator(NUM_BLOCKS, BLOCK_SIZE), 0, prompt, max_new_tokens=4)
+    request = request.__class__(**{**request.__dict__, "blocks": request.blocks[:1], "slots": ()})
+    _, batch = model.generate_token(FlashCausalLMBatch.from_requests(0, [request], model))
+    with pytest.raises(ValueError, match=f"request 0 has no KV block for position {BLOCK_SIZE}"):
+        model.generate_token(batch)
+    with pytest.raises(ValueError, match=f"request 0 has no KV block for position {BLOCK_SIZE}"):
+        model.extend_block_tables(batch, {})
+    with pytest.raises(ValueError, match="no request 5 to extend"):
+        model.extend_block_tables(batch, {5: [1]})
+    with pytest.raises(ValueError, match="block 100000 is outside"):
+        model.extend_block_tables(batch, {0: [100000]})
+    model.extend_block_tables(batch, {0: [7]})
+    generations, _ = model.generate_token(batch)
+    assert len(generations) == 1

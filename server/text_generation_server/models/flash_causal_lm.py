@@ -50,6 +50,8 @@ class FlashCausalLMBatch:
     read_offsets: list[int]
     stopping_criterias: list[StoppingCriteria]
     next_token_chooser: NextTokenChooser
+    # KV blocks of each request in position order; the router appends blocks as a request grows
+    block_tables: list[list[int]]
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -84,6 +86,7 @@ class FlashCausalLMBatch:
             next_token_chooser=NextTokenChooser.from_params(
                 [r.parameters for r in requests], prompts, model.config.vocab_size, model.device
             ),
+            block_tables=[list(request.blocks) for request in requests],
         )
 
     def filter(self, request_ids: Sequence[int]) -> FlashCausalLMBatch | None:
@@ -107,6 +110,7 @@ class FlashCausalLMBatch:
             read_offsets=[self.read_offsets[i] for i in keep],
             stopping_criterias=[self.stopping_criterias[i] for i in keep],
             next_token_chooser=self.next_token_chooser.filter(keep),
+            block_tables=[self.block_tables[i] for i in keep],
         )
 
     @classmethod
@@ -135,6 +139,7 @@ class FlashCausalLMBatch:
             read_offsets=joined("read_offsets"),
             stopping_criterias=joined("stopping_criterias"),
             next_token_chooser=NextTokenChooser.concatenate([b.next_token_chooser for b in batches]),
+            block_tables=joined("block_tables"),
         )
 
 
@@ -268,21 +273,13 @@ class FlashCausalLM:
             )
         if request.stopping.max_new_tokens < 1:
             raise ValueError(f"request {request.id}: max_new_tokens must be >= 1, got {request.stopping.max_new_tokens}")
-        needed = len(request.input_ids) + request.stopping.max_new_tokens - 1
-        if len(request.slots) < needed:
+        block_size = self.kv_cache.block_size
+        if len(request.blocks) * block_size < len(request.input_ids):
             raise ValueError(
-                f"request {request.id}: {len(request.slots)} slots for {len(request.input_ids)} prompt tokens and "
-                f"max_new_tokens {request.stopping.max_new_tokens}; at least {needed} are needed"
+                f"request {request.id}: {len(request.blocks)} blocks of {block_size} tokens cannot hold its "
+                f"{len(request.input_ids)} prompt tokens"
             )
-        block_size, num_blocks = self.kv_cache.block_size, self.kv_cache.num_blocks
-        if len(request.blocks) * block_size < len(request.slots):
-            raise ValueError(
-                f"request {request.id}: {len(request.blocks)} blocks of {block_size} cannot hold "
-                f"{len(request.slots)} slots"
-            )
-        bad_blocks = [b for b in request.blocks if not 0 <= b < num_blocks]
-        if bad_blocks:
-            raise ValueError(f"request {request.id}: block {bad_blocks[0]} is outside [0, {num_blocks})")
+        self._check_blocks(request.id, request.blocks)
         for position, slot in enumerate(request.slots):
             expected = request.blocks[position // block_size] * block_size + position % block_size
             if slot != expected:
@@ -292,6 +289,36 @@ class FlashCausalLM:
                 )
         if request.top_n_tokens < 0:
             raise ValueError(f"request {request.id}: top_n_tokens must be >= 0, got {request.top_n_tokens}")
+
+    def _check_blocks(self, request_id: int, blocks: Sequence[int]) -> None:
+        num_blocks = self.kv_cache.num_blocks
+        bad = [b for b in blocks if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"request {request_id}: block {bad[0]} is outside [0, {num_blocks})")
+
+    def extend_block_tables(self, batch: FlashCausalLMBatch, extensions: dict[int, Sequence[int]]) -> None:
+        """Append blocks to running requests' block tables (request id -> new blocks, in position order).
+
+        Checks first, changes nothing on error: every block is in the cache, and after the extension every
+        request has a block for the position its next decode step writes.
+        """
+        position = {rid: i for i, rid in enumerate(batch.request_ids)}
+        for request_id, blocks in extensions.items():
+            if request_id not in position:
+                raise ValueError(f"batch {batch.batch_id} has no request {request_id} to extend")
+            self._check_blocks(request_id, blocks)
+        if not batch.is_prefill:
+            block_size = self.kv_cache.block_size
+            for request_id, ids, table in zip(batch.request_ids, batch.all_input_ids, batch.block_tables):
+                next_position = len(ids) - 1
+                capacity = (len(table) + len(extensions.get(request_id, ()))) * block_size
+                if next_position >= capacity:
+                    raise ValueError(
+                        f"request {request_id} has no KV block for position {next_position}: its blocks hold "
+                        f"{capacity} positions; extend its block table"
+                    )
+        for request_id, blocks in extensions.items():
+            batch.block_tables[position[request_id]].extend(blocks)
 
     # ----- one step -------------------------------------------------------------------------------------
 
@@ -351,12 +378,21 @@ class FlashCausalLM:
         if prefill:
             tokens = [t for ids in batch.all_input_ids for t in ids]
             positions = [p for length in batch.prompt_lengths for p in range(length)]
-            slots = [s for r, length in zip(batch.requests, batch.prompt_lengths) for s in r.slots[:length]]
+            slots = [
+                self._slot(table, p) for table, length in zip(batch.block_tables, batch.prompt_lengths)
+                for p in range(length)
+            ]
             lengths = [length for length in batch.prompt_lengths for _ in range(length)]
         else:
             tokens = [ids[-1] for ids in batch.all_input_ids]
             positions = list(batch.cache_lengths)
-            slots = [r.slots[p] for r, p in zip(batch.requests, positions)]
+            for request, table, p in zip(batch.requests, batch.block_tables, positions):
+                if p >= len(table) * self.kv_cache.block_size:
+                    raise ValueError(
+                        f"request {request.id} has no KV block for position {p}: its {len(table)} blocks are "
+                        f"full; extend its block table"
+                    )
+            slots = [self._slot(table, p) for table, p in zip(batch.block_tables, positions)]
             lengths = [p + 1 for p in positions]
         device = self.device
         positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
@@ -373,6 +409,10 @@ class FlashCausalLM:
         )
         return torch.tensor(tokens, dtype=torch.int64, device=device), meta
 
+    def _slot(self, block_table: list[int], position: int) -> int:
+        block_size = self.kv_cache.block_size
+        return block_table[position // block_size] * block_size + position % block_size
+
     def _last_rows(self, batch: FlashCausalLMBatch) -> torch.Tensor:
         """Row of each request's last token among the forward's T tokens."""
         if not batch.is_prefill:
@@ -385,7 +425,7 @@ class FlashCausalLM:
         block_size = self.kv_cache.block_size
         needed = [math.ceil(length / block_size) for length in context_lengths]
         width = max(needed)
-        rows = [list(r.blocks[:n]) + [0] * (width - n) for r, n in zip(batch.requests, needed)]
+        rows = [table[:n] + [0] * (width - n) for table, n in zip(batch.block_tables, needed)]
         return torch.tensor(rows, dtype=torch.int64, device=self.device)
 
     def _prefill_tokens(self, prompt: list[int], logits: torch.Tensor) -> Tokens:

@@ -42,16 +42,16 @@ class StoppingParameters:
 class Request:
     """One generation request as the router hands it to the engine.
 
-    `blocks` and `slots` are allocated by the caller (the router owns the KV cache):
-    `slots[p]` is the flat KV-cache row (block_id * block_size + offset) where the key/value of the token at
-    position p is written, so `slots` must cover the prompt plus every token that will be fed back
-    (len(input_ids) + max_new_tokens - 1 positions at least).
+    `blocks` are allocated by the caller (the router owns the KV cache): block i holds the keys/values of
+    positions [i·block_size, (i+1)·block_size). They must cover the prompt; the caller appends more as the
+    request grows (`FlashCausalLM.extend_block_tables`). `slots`, when given, spell out the flat cache row of
+    each position (block_id · block_size + offset) and must agree with `blocks`.
     """
 
     id: int
     input_ids: tuple[int, ...]
     blocks: tuple[int, ...]
-    slots: tuple[int, ...]
+    slots: tuple[int, ...] = ()
     parameters: SamplingParameters = SamplingParameters()
     stopping: StoppingParameters = StoppingParameters()
     prefill_logprobs: bool = False

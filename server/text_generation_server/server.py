@@ -1,0 +1,383 @@
+"""The gRPC shard: `TextGenerationService` (proto/generate.proto) over one loaded model.
+
+State between calls is the cache of batches by id (and the KV cache they point into). Model work (Warmup,
+Prefill, Decode, FilterBatch, ClearCache) runs one call at a time under a lock; Info, Health and
+ServiceDiscovery take no lock, so they answer while a long Decode runs.
+
+Error policy (`ErrorPolicy`, the only place that maps exceptions to statuses):
+  * a bad request (`ShardError`, or a `ValueError` from the engine) -> its gRPC status and message; the shard
+    keeps serving;
+  * anything else -> logged with its traceback, INTERNAL returned, then the process stops and exits non-zero
+    (the device may be unusable; the launcher restarts or reports the shard).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from loguru import logger
+
+from text_generation_server import device as device_layer
+from text_generation_server import pb_convert
+from text_generation_server.models.flash_causal_lm import (
+    DEFAULT_BLOCK_SIZE,
+    FlashCausalLM,
+    FlashCausalLMBatch,
+)
+from text_generation_server.pb import generate_pb2, generate_pb2_grpc
+
+FEATURES = ("top_n_tokens", "prefill_logprobs")
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
+
+
+class ShardError(Exception):
+    """A request the shard refuses; the shard stays healthy."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidArgument(ShardError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ShardError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(ShardError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def uds_url(uds_path: str | Path, rank: int) -> str:
+    return f"unix://{uds_path}-{rank}"
+
+
+class ErrorPolicy(grpc.ServerInterceptor):
+    """Bad requests become their status; unexpected errors become INTERNAL and shut the shard down."""
+
+    def __init__(self, on_fatal):
+        self._on_fatal = on_fatal
+        self.fatal = threading.Event()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def guarded(request, context):
+            if self.fatal.is_set():
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the shard is shutting down after an internal error"
+                )
+            try:
+                return inner(request, context)
+            except ShardError as e:
+                logger.warning(f"{method}: {e.code.name}: {e}")
+                context.abort(e.code, str(e))
+            except ValueError as e:
+                logger.warning(f"{method}: INVALID_ARGUMENT: {e}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Exception as e:  # noqa: BLE001 - the policy: anything else is fatal
+                logger.opt(exception=e).error(
+                    f"{method}: internal error, the shard will exit: {type(e).__name__}: {e}"
+                )
+                self.fatal.set()
+                self._on_fatal()
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class BatchCache:
+    """Cached batches by id. Not locked itself: the servicer holds its model lock around every use."""
+
+    def __init__(self):
+        self._batches: dict[int, FlashCausalLMBatch] = {}
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __contains__(self, batch_id: int) -> bool:
+        return batch_id in self._batches
+
+    def get(self, batch_id: int) -> FlashCausalLMBatch:
+        try:
+            return self._batches[batch_id]
+        except KeyError:
+            raise NotFound(f"batch {batch_id} is not cached (unknown id, cleared, or finished)") from None
+
+    def set(self, batch_id: int, batch: FlashCausalLMBatch | None) -> None:
+        if batch is None:
+            self._batches.pop(batch_id, None)
+        else:
+            self._batches[batch_id] = batch
+
+    def pop(self, batch_id: int) -> FlashCausalLMBatch | None:
+        return self._batches.pop(batch_id, None)
+
+    def clear(self) -> None:
+        self._batches.clear()
+
+    def request_ids(self) -> dict[int, int]:
+        """request id -> id of the batch holding it."""
+        return {rid: bid for bid, batch in self._batches.items() for rid in batch.request_ids}
+
+
+class _ForwardTimer:
+    """Wraps `model.forward` to measure the time in the model itself (device-synchronised)."""
+
+    def __init__(self, model: FlashCausalLM):
+        self.ns = 0
+        self._forward = model.forward
+        self._device = model.device
+        model.forward = self  # instance attribute: generate_token's `self.forward(...)` finds it
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter_ns()
+        try:
+            return self._forward(*args, **kwargs)
+        finally:
+            device_layer.synchronize(self._device)
+            self.ns += time.perf_counter_ns() - start
+
+    def reset(self) -> None:
+        self.ns = 0
+
+
+class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
+    def __init__(
+        self,
+        model: FlashCausalLM,
+        model_id: str,
+        memory_fraction: float,
+        uds_path: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.model = model
+        self.model_id = model_id
+        self.memory_fraction = memory_fraction
+        self.uds_path = uds_path
+        self.rank = rank
+        self.world_size = world_size
+        self.cache = BatchCache()
+        self.lock = threading.Lock()
+        self.timer = _ForwardTimer(model)
+
+    # ----- no lock ----------------------------------------------------------------------------------------
+
+    def Info(self, request, context):
+        model, config = self.model, self.model.config
+        kv_cache = model.kv_cache
+        return generate_pb2.InfoResponse(
+            model_id=self.model_id,
+            architecture=config.architecture,
+            dtype=str(model.dtype),
+            device_type=model.device.type,
+            block_size=kv_cache.block_size if kv_cache is not None else DEFAULT_BLOCK_SIZE,
+            world_size=self.world_size,
+            vocab_size=config.vocab_size,
+            max_position_embeddings=config.max_position_embeddings,
+            eos_token_ids=sorted(model.eos_token_ids),
+            features=FEATURES,
+        )
+
+    def ServiceDiscovery(self, request, context):
+        return generate_pb2.ServiceDiscoveryResponse(
+            urls=[uds_url(self.uds_path, rank) for rank in range(self.world_size)]
+        )
+
+    def Health(self, request, context):
+        device = self.model.device
+        value = (torch.ones(2, device=device) * 2).sum()
+        device_layer.synchronize(device)
+        if value.item() != 4.0:
+            raise RuntimeError(f"the device {device} computed 2 + 2 = {value.item()}")
+        return generate_pb2.HealthResponse()
+
+    # ----- under the model lock ---------------------------------------------------------------------------
+
+    def ClearCache(self, request, context):
+        with self.lock:
+            if request.HasField("id"):
+                self.cache.pop(request.id)
+            else:
+                self.cache.clear()
+            device_layer.empty_cache(self.model.device)
+        return generate_pb2.ClearCacheResponse()
+
+    def FilterBatch(self, request, context):
+        with self.lock:
+            batch = self.cache.get(request.batch_id)
+            filtered = batch.filter(list(request.request_ids))  # ValueError on an id not in the batch
+            self.cache.set(request.batch_id, filtered)
+            if filtered is None:
+                return generate_pb2.FilterBatchResponse()
+            return generate_pb2.FilterBatchResponse(batch=pb_convert.cached_batch_to_pb(filtered))
+
+    def Warmup(self, request, context):
+        with self.lock:
+            self.cache.clear()
+            kv_cache = self.model.warmup(
+                request.max_input_tokens,
+                request.max_prefill_tokens,
+                request.max_total_tokens,
+                self.memory_fraction,
+            )
+            logger.info(
+                f"warmup: KV cache of {kv_cache.num_blocks} blocks × {kv_cache.block_size} tokens "
+                f"({kv_cache.num_slots} tokens)"
+            )
+            return generate_pb2.WarmupResponse(
+                num_blocks=kv_cache.num_blocks,
+                block_size=kv_cache.block_size,
+                max_supported_total_tokens=kv_cache.num_slots,
+            )
+
+    def Prefill(self, request, context):
+        start = time.perf_counter_ns()
+        with self.lock:
+            self._require_warmup("Prefill")
+            batch_pb = request.batch
+            if not batch_pb.requests:
+                raise InvalidArgument(f"batch {batch_pb.id} has no requests")
+            if batch_pb.id in self.cache:
+                raise InvalidArgument(f"batch id {batch_pb.id} is already cached; batch ids must be unique")
+            held = self.cache.request_ids()
+            clash = next((r.id for r in batch_pb.requests if r.id in held), None)
+            if clash is not None:
+                raise InvalidArgument(f"request id {clash} is already in cached batch {held[clash]}")
+            requests = [pb_convert.request_from_pb(r) for r in batch_pb.requests]
+            batch = FlashCausalLMBatch.from_requests(batch_pb.id, requests, self.model)
+            generations, next_batch, forward_ns, step_ns = self._step(batch)
+            return generate_pb2.PrefillResponse(
+                generations=generations,
+                batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
+                forward_ns=forward_ns,
+                decode_ns=max(step_ns - forward_ns, 0),
+                total_ns=time.perf_counter_ns() - start,
+            )
+
+    def Decode(self, request, context):
+        start = time.perf_counter_ns()
+        with self.lock:
+            self._require_warmup("Decode")
+            ids = [cached.id for cached in request.batches]
+            if not ids:
+                raise InvalidArgument("Decode needs at least one batch")
+            if len(set(ids)) != len(ids):
+                raise InvalidArgument(f"a batch id is listed twice in Decode: {ids}")
+            batches = [
+                self.cache.get(batch_id) for batch_id in ids
+            ]  # every id looked up before any is popped
+            concat_ns = None
+            if len(batches) > 1:
+                concat_start = time.perf_counter_ns()
+                batch = FlashCausalLMBatch.concatenate(batches)  # ValueError leaves the cache untouched
+                concat_ns = time.perf_counter_ns() - concat_start
+            else:
+                batch = batches[0]
+            extended = [extension.request_id for extension in request.extensions]
+            if len(set(extended)) != len(extended):
+                raise InvalidArgument(f"a request is extended twice in Decode: {extended}")
+            # checks every request has a block for this step before changing anything
+            self.model.extend_block_tables(batch, {e.request_id: list(e.blocks) for e in request.extensions})
+            for batch_id in ids:
+                self.cache.pop(batch_id)
+            generations, next_batch, forward_ns, step_ns = self._step(batch)
+            return generate_pb2.DecodeResponse(
+                generations=generations,
+                batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
+                forward_ns=forward_ns,
+                decode_ns=max(step_ns - forward_ns, 0),
+                total_ns=time.perf_counter_ns() - start,
+                concat_ns=concat_ns,
+            )
+
+    def _require_warmup(self, method: str) -> None:
+        if self.model.kv_cache is None:
+            raise FailedPrecondition(
+                f"{method} before Warmup: the KV cache is not allocated; call Warmup first"
+            )
+
+    def _step(self, batch: FlashCausalLMBatch):
+        """One generate_token, caching the next batch: (pb generations, next batch, forward_ns, step_ns)."""
+        self.timer.reset()
+        step_start = time.perf_counter_ns()
+        generations, next_batch = self.model.generate_token(batch)
+        step_ns = time.perf_counter_ns() - step_start
+        self.cache.set(batch.batch_id, next_batch)
+        # every rank runs the step; only rank 0 reports it
+        pb_generations = pb_convert.generations_to_pb(generations) if self.rank == 0 else []
+        return pb_generations, next_batch, self.timer.ns, step_ns
+
+
+def serve(
+    model: FlashCausalLM,
+    model_id: str,
+    uds_path: str | Path,
+    memory_fraction: float,
+    rank: int = 0,
+    world_size: int = 1,
+    max_workers: int = 8,
+) -> int:
+    """Serve until SIGTERM/SIGINT (returns 0) or an internal error (returns 1); the socket is removed."""
+    socket_path = Path(f"{uds_path}-{rank}")
+    if len(str(socket_path)) > UNIX_PATH_MAX:
+        raise ValueError(f"unix socket path {socket_path} is longer than {UNIX_PATH_MAX} characters")
+    if socket_path.is_dir():
+        raise ValueError(f"unix socket path {socket_path} is a directory")
+    if socket_path.exists() or socket_path.is_symlink():
+        logger.info(f"removing stale socket {socket_path}")
+        socket_path.unlink()
+
+    stop = threading.Event()
+    policy = ErrorPolicy(on_fatal=stop.set)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shard"),
+        interceptors=[policy],
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
+    servicer = TextGenerationService(model, model_id, memory_fraction, uds_path, rank, world_size)
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    url = uds_url(uds_path, rank)
+    server.add_insecure_port(url)
+
+    def on_signal(signum, frame):
+        logger.info(f"received {signal.Signals(signum).name}, stopping")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server.start()
+    logger.info(
+        f"shard {rank}/{world_size} ready on {url}: {model.config.architecture} {model.dtype} "
+        f"on {model.device}, "
+        f"pid {os.getpid()}"
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=5).wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if socket_path.exists():
+            socket_path.unlink()
+    if policy.fatal.is_set():
+        logger.error("shard stopped after an internal error")
+        return 1
+    logger.info("shard stopped")
+    return 0
