@@ -136,27 +136,6 @@ class BatchCache:
         return {rid: bid for bid, batch in self._batches.items() for rid in batch.request_ids}
 
 
-class _ForwardTimer:
-    """Wraps `model.forward` to measure the time in the model itself (device-synchronised)."""
-
-    def __init__(self, model: FlashCausalLM):
-        self.ns = 0
-        self._forward = model.forward
-        self._device = model.device
-        model.forward = self  # instance attribute: generate_token's `self.forward(...)` finds it
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter_ns()
-        try:
-            return self._forward(*args, **kwargs)
-        finally:
-            device_layer.synchronize(self._device)
-            self.ns += time.perf_counter_ns() - start
-
-    def reset(self) -> None:
-        self.ns = 0
-
-
 class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     def __init__(
         self,
@@ -175,7 +154,6 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.world_size = world_size
         self.cache = BatchCache()
         self.lock = threading.Lock()
-        self.timer = _ForwardTimer(model)
 
     # ----- no lock ----------------------------------------------------------------------------------------
 
@@ -315,14 +293,13 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
 
     def _step(self, batch: FlashCausalLMBatch):
         """One generate_token, caching the next batch: (pb generations, next batch, forward_ns, step_ns)."""
-        self.timer.reset()
         step_start = time.perf_counter_ns()
         generations, next_batch = self.model.generate_token(batch)
         step_ns = time.perf_counter_ns() - step_start
         self.cache.set(batch.batch_id, next_batch)
         # every rank runs the step; only rank 0 reports it
         pb_generations = pb_convert.generations_to_pb(generations) if self.rank == 0 else []
-        return pb_generations, next_batch, self.timer.ns, step_ns
+        return pb_generations, next_batch, self.model.last_forward_ns, step_ns
 
 
 def serve(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,7 @@ class FlashCausalLM:
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling
         )
         self.kv_cache: KVCache | None = None
+        self.last_forward_ns = 0  # time of the model forward in the last generate_token (device-synchronised)
 
     def _eos_token_ids(self) -> frozenset[int]:
         """generation_config's EOS ids (every one of a list) and the tokenizer's EOS."""
@@ -344,12 +346,15 @@ class FlashCausalLM:
         """
         prefill = batch.is_prefill
         logits_for_prompt = [r.prefill_logprobs for r in batch.requests] if prefill else [False] * len(batch)
+        forward_start = time.perf_counter_ns()
         if any(logits_for_prompt):
             all_logits = self.forward(batch, every_position=True)  # [T, V]
             last_logits = all_logits[self._last_rows(batch)]
         else:
             all_logits = None
             last_logits = self.forward(batch)  # [B, V]
+        device_layer.synchronize(self.device)
+        self.last_forward_ns = time.perf_counter_ns() - forward_start
 
         next_ids, logprobs = batch.next_token_chooser(last_logits)
         next_ids_list = next_ids.tolist()
