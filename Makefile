@@ -13,6 +13,7 @@ install:
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps text-generation==0.7.0
 	$(MAKE) stubs
 
 # gRPC stubs are generated, never committed. The proto path maps proto/ to the package, so the stubs import

@@ -1,0 +1,41 @@
+"""Prometheus metrics with TGI's names (tgi.md §2.8), in the router's own registry (served at GET /metrics).
+
+The scheduler records batch and queue metrics, the front ends record request metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+# 35 buckets growing 1.5x from 0.15 ms, as TGI's durations
+DURATION_BUCKETS = tuple(1.5e-4 * 1.5**i for i in range(35))
+TOKEN_BUCKETS = tuple(2**i for i in range(16))
+
+request_count = Counter("tgi_request_count", "Requests received", registry=REGISTRY)
+request_success = Counter("tgi_request_success", "Requests that completed", registry=REGISTRY)
+request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=REGISTRY)
+request_duration = Histogram("tgi_request_duration", "End-to-end request time (s)", buckets=DURATION_BUCKETS, registry=REGISTRY)
+request_validation_duration = Histogram("tgi_request_validation_duration", "Validation time (s)", buckets=DURATION_BUCKETS, registry=REGISTRY)
+request_queue_duration = Histogram("tgi_request_queue_duration", "Time in the queue (s)", buckets=DURATION_BUCKETS, registry=REGISTRY)
+request_inference_duration = Histogram("tgi_request_inference_duration", "Inference time (s)", buckets=DURATION_BUCKETS, registry=REGISTRY)
+request_mean_time_per_token_duration = Histogram("tgi_request_mean_time_per_token_duration", "Mean time per generated token (s)", buckets=DURATION_BUCKETS, registry=REGISTRY)
+request_input_length = Histogram("tgi_request_input_length", "Prompt tokens", buckets=TOKEN_BUCKETS, registry=REGISTRY)
+request_max_new_tokens = Histogram("tgi_request_max_new_tokens", "max_new_tokens asked", buckets=TOKEN_BUCKETS, registry=REGISTRY)
+request_generated_tokens = Histogram("tgi_request_generated_tokens", "Generated tokens", buckets=TOKEN_BUCKETS, registry=REGISTRY)
+
+queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=REGISTRY)
+batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=REGISTRY)
+batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens held in the KV cache by the running batch", registry=REGISTRY)
+batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens", "KV cache capacity in tokens (after warmup)", registry=REGISTRY)
+batch_next_size = Histogram("tgi_batch_next_size", "Size of each new batch", buckets=TOKEN_BUCKETS, registry=REGISTRY)
+batch_inference_count = Counter("tgi_batch_inference_count", "Shard calls", ["method"], registry=REGISTRY)
+batch_inference_success = Counter("tgi_batch_inference_success", "Shard calls that succeeded", ["method"], registry=REGISTRY)
+batch_inference_failure = Counter("tgi_batch_inference_failure", "Shard calls that failed", ["method"], registry=REGISTRY)
+batch_inference_duration = Histogram("tgi_batch_inference_duration", "Shard call time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+batch_forward_duration = Histogram("tgi_batch_forward_duration", "Model forward time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+batch_decode_duration = Histogram("tgi_batch_decode_duration", "Token choice and detokenization time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+batch_filter_duration = Histogram("tgi_batch_filter_duration", "FilterBatch time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+batch_concat = Counter("tgi_batch_concat", "New batches joining the running one", ["reason"], registry=REGISTRY)
+request_preempted = Counter("tgi_request_preempted", "Running requests preempted for lack of KV blocks (recomputed later)", registry=REGISTRY)

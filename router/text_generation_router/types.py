@@ -1,0 +1,144 @@
+"""What the router's front ends (HTTP, OpenAI, public gRPC) and its core (validation, scheduler) exchange.
+
+Nothing here imports torch: the router runs beside the shards and only moves token ids and text.
+
+Flow: a front end turns a client request into a `GenerationRequest` through `Validation`, then iterates
+`Infer.stream(request)`, which yields one `StreamToken` per generated token and finally one `StreamEnd`.
+Closing the iterator early (a client that disconnects) cancels the request; its KV blocks are freed within
+one scheduler step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The shard's NextTokenChooserParameters, already validated. Defaults: greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request, ready to queue."""
+
+    input_ids: tuple[int, ...]  # tokenized and truncated prompt, never empty
+    parameters: SamplingParams
+    max_new_tokens: int  # >= 1; len(input_ids) + max_new_tokens <= max_total_tokens
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos_token: bool = False
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float | None  # None for the first prompt token (it has no logprob)
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class StreamToken:
+    """One generated token, as streamed."""
+
+    token: Token  # text: what a stream prints for it ("" while a UTF-8 character is incomplete)
+    top_tokens: tuple[Token, ...] = ()  # the top_n_tokens best alternatives, best first
+    prefill: tuple[Token, ...] | None = None  # the prompt's tokens, with the first generated token only, if asked
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a stream."""
+
+    generated_text: str  # every generated token decoded at once, special tokens skipped
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None  # the seed used, for sampled requests only
+    input_length: int
+    queue_s: float = 0.0  # time waiting in the queue before the first prefill
+    inference_s: float = 0.0  # time from the first prefill to the end
+
+
+class RouterError(Exception):
+    """An error a client sees: HTTP status and TGI's `error_type`."""
+
+    status = 500
+    error_type = "internal"
+
+
+class ValidationError(RouterError):
+    status = 422
+    error_type = "validation"
+
+
+class OverloadedError(RouterError):
+    status = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str = "Model is overloaded"):
+        super().__init__(message)
+
+
+class GenerationError(RouterError):
+    status = 424
+    error_type = "generation"
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """Limits from the command line (TGI's names and defaults), final after Warmup."""
+
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 16384
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_client_batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the shards said in Info and Warmup."""
+
+    model_id: str
+    architecture: str
+    dtype: str
+    device_type: str
+    block_size: int
+    world_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    num_blocks: int = 0
+
+
+@dataclass
+class RouterState:
+    """Everything a front end needs; built once at start-up by the CLI (`text_generation_router.cli`)."""
+
+    infer: object  # text_generation_router.infer.Infer
+    validation: object  # text_generation_router.validation.Validation
+    tokenizer: object  # text_generation_server.utils.tokenizer.Tokenizer (torch-free)
+    limits: RouterLimits
+    shard: ShardInfo
+    model_id: str  # what clients see (the --model-id given to the launcher)
+    extra: dict = field(default_factory=dict)
