@@ -1,0 +1,295 @@
+"""`text-generation-launcher`: prepare the weights, start one shard per rank, then the router, and supervise.
+
+Every flag also reads an environment variable: the flag's name in capitals with underscores (`--num-shard` ->
+`NUM_SHARD`), as in TGI. Exit status: 0 after a requested shutdown (SIGINT/SIGTERM), 1 when anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import typer
+from loguru import logger
+
+from text_generation_launcher.processes import Child, ChildFailed, parse_log_line, wait_until
+
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+
+def _option(default, help: str, env: str | None = None, **kwargs):
+    return typer.Option(default, help=help, envvar=env, show_envvar=env is not None, **kwargs)
+
+
+@app.command()
+def main(
+    model_id: str = _option(..., "Hugging Face model directory, or a hub id (downloaded into the HF cache).", "MODEL_ID"),
+    revision: str = _option(None, "Hub revision (branch, tag or commit) when --model-id is a hub id.", "REVISION"),
+    num_shard: int = _option(None, "Tensor-parallel ranks (processes). Default: 1.", "NUM_SHARD", min=1),
+    sharded: bool = _option(None, "Force tensor parallelism on (needs --num-shard > 1) or off.", "SHARDED"),
+    dtype: str = _option(None, "float32, bfloat16 or float16. Default: float32 on CPU, bfloat16 on GPU/NPU.", "DTYPE"),
+    device: str = _option("auto", "auto, cpu, cuda or npu (auto: NPU, else CUDA, else CPU).", "DEVICE"),
+    kv_cache_fraction: float = _option(
+        None, "Share of the memory left after warmup that the KV cache takes (CPU: of available RAM, split "
+        "between the ranks). Default: 0.3 on CPU, 0.9 on accelerators.", "KV_CACHE_FRACTION"
+    ),
+    max_concurrent_requests: int = _option(128, "Requests served at once; more get HTTP 429.", "MAX_CONCURRENT_REQUESTS"),
+    max_best_of: int = _option(2, "Largest best_of a request may ask.", "MAX_BEST_OF"),
+    max_stop_sequences: int = _option(4, "Most stop sequences per request.", "MAX_STOP_SEQUENCES"),
+    max_top_n_tokens: int = _option(5, "Largest top_n_tokens a request may ask.", "MAX_TOP_N_TOKENS"),
+    max_input_tokens: int = _option(None, "Longest prompt in tokens. Default: max_total_tokens - 1.", "MAX_INPUT_TOKENS"),
+    max_total_tokens: int = _option(
+        None, "Longest prompt + generation in tokens. Default: the model's context length, capped by the KV cache.",
+        "MAX_TOTAL_TOKENS",
+    ),
+    max_batch_prefill_tokens: int = _option(None, "Most prompt tokens in one prefill. Default: chosen by the router.", "MAX_BATCH_PREFILL_TOKENS"),
+    max_batch_total_tokens: int = _option(
+        None, "Cap on the KV cache tokens the router uses (default: all that warmup found).", "MAX_BATCH_TOTAL_TOKENS"
+    ),
+    waiting_served_ratio: float = _option(0.3, "Waiting/running ratio that lets new requests join the running batch.", "WAITING_SERVED_RATIO"),
+    max_waiting_tokens: int = _option(20, "Decode steps after which waiting requests join regardless.", "MAX_WAITING_TOKENS"),
+    max_client_batch_size: int = _option(4, "Most prompts in one /v1/completions request.", "MAX_CLIENT_BATCH_SIZE"),
+    hostname: str = _option("0.0.0.0", "Address the HTTP and gRPC APIs listen on.", "HOSTNAME"),
+    port: int = _option(3000, "HTTP port (TGI and OpenAI APIs).", "PORT"),
+    grpc_port: int = _option(8033, "Public gRPC port (fmaas.GenerationService); 0 disables it.", "GRPC_PORT"),
+    shard_uds_path: str = _option("/tmp/text-generation-server", "Socket base path: rank r listens on <path>-r.", "SHARD_UDS_PATH"),
+    master_addr: str = _option("localhost", "torch.distributed master address for the ranks.", "MASTER_ADDR"),
+    master_port: int = _option(29500, "torch.distributed master port for the ranks.", "MASTER_PORT"),
+    json_output: bool = _option(False, "Log JSON records, one per line (launcher, shards and router).", "JSON_OUTPUT"),
+    startup_timeout: int = _option(1800, "Seconds allowed for a shard to load or the router to warm up.", "STARTUP_TIMEOUT"),
+    graceful_termination_timeout: int = _option(
+        90, "Seconds children get to finish in-flight work after SIGTERM before being killed.", "GRACEFUL_TERMINATION_TIMEOUT"
+    ),
+) -> None:
+    _setup_logging(json_output)
+    try:
+        world_size = _world_size(num_shard, sharded)
+        if max_input_tokens is not None and max_total_tokens is not None and max_input_tokens >= max_total_tokens:
+            raise ValueError(f"--max-input-tokens ({max_input_tokens}) must be < --max-total-tokens ({max_total_tokens})")
+    except ValueError as e:
+        logger.error(str(e))
+        raise typer.Exit(1) from None
+
+    launcher = Launcher(graceful_termination_timeout)
+    signal.signal(signal.SIGTERM, launcher.request_stop)
+    signal.signal(signal.SIGINT, launcher.request_stop)
+    try:
+        model_dir = launcher.download_weights(model_id, revision, json_output)
+        config = _read_config(model_dir)
+        logger.info(
+            f"model {model_id}: {', '.join(config.get('architectures') or [config.get('model_type', '?')])}, "
+            f"{world_size} shard(s) on {device}"
+        )
+        shard_args = ["--device", device]
+        if dtype:
+            shard_args += ["--dtype", dtype]
+        if kv_cache_fraction is not None:
+            shard_args += ["--kv-cache-fraction", str(kv_cache_fraction)]
+        if json_output:
+            shard_args.append("--json-output")
+        launcher.start_shards(model_dir, world_size, shard_uds_path, master_addr, master_port, shard_args, startup_timeout)
+        router_args = _router_args(
+            model_id=model_id, model_dir=model_dir, shard_uds_path=shard_uds_path, hostname=hostname, port=port,
+            grpc_port=grpc_port, json_output=json_output,
+            limits=dict(
+                max_concurrent_requests=max_concurrent_requests, max_best_of=max_best_of,
+                max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
+                max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
+                max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=max_batch_total_tokens,
+                waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
+                max_client_batch_size=max_client_batch_size,
+            ),
+        )
+        launcher.start_router(router_args, port, startup_timeout)
+        shown_host = "localhost" if hostname in ("0.0.0.0", "::") else hostname
+        grpc_url = f", gRPC {shown_host}:{grpc_port}" if grpc_port else ""
+        logger.info(f"ready: HTTP http://{shown_host}:{port} (TGI and OpenAI APIs, docs at /docs){grpc_url}")
+        code = launcher.supervise()
+    except (LaunchError, ChildFailed, TimeoutError) as e:
+        logger.error(str(e))
+        code = 1
+    except StopRequested:
+        code = 0
+    finally:
+        launcher.shutdown(shard_uds_path)
+    raise typer.Exit(code)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived while starting up."""
+
+
+class Launcher:
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.shards: list[Child] = []
+        self.router: Child | None = None
+        self.stop = threading.Event()
+        self.world_size = 0
+
+    def request_stop(self, signum, frame) -> None:
+        if not self.stop.is_set():
+            logger.info(f"received {signal.Signals(signum).name}: shutting down")
+        self.stop.set()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise StopRequested()
+
+    def download_weights(self, model_id: str, revision: str | None, json_output: bool) -> Path:
+        """Resolve the model to a local directory with `.safetensors` weights (converting `.bin` once)."""
+        argv = [_server_command(), "download-weights", model_id]
+        if revision:
+            argv += ["--revision", revision]
+        if json_output:
+            argv.append("--json-output")
+        logger.info(f"preparing weights of {model_id}")
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        records = [parse_log_line(line) for line in result.stderr.splitlines() if line.strip()]
+        if result.returncode != 0:
+            errors = [message for message, level in records if level in ("ERROR", "CRITICAL")]
+            last = errors[-1] if errors else records[-1][0] if records else "no output"
+            raise LaunchError(f"cannot prepare the weights of {model_id}: {last}")
+        for message, level in records:
+            logger.log(level, f"[download-weights] {message}")
+        self._check_stop()
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        if not lines:
+            raise LaunchError(f"download-weights printed no model directory for {model_id}")
+        return Path(lines[-1].strip())
+
+    def start_shards(self, model_dir, world_size, uds_path, master_addr, master_port, extra_args, timeout_s) -> None:
+        self.world_size = world_size
+        for rank in range(world_size):
+            socket = Path(f"{uds_path}-{rank}")
+            if socket.exists():
+                socket.unlink()  # a stale socket would look like a ready shard
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(master_port),
+            }
+            argv = [_server_command(), "serve", str(model_dir), "--uds-path", uds_path, *extra_args]
+            if world_size > 1:
+                argv.append("--sharded")
+            self.shards.append(Child(f"shard {rank}", argv, env))
+        sockets = [Path(f"{uds_path}-{rank}") for rank in range(world_size)]
+
+        def all_ready() -> bool:
+            self._check_stop()
+            return all(socket.exists() for socket in sockets)
+
+        wait_until(all_ready, timeout_s, self.shards, f"waiting for {world_size} shard(s) to load the model")
+        logger.info(f"{world_size} shard(s) ready")
+
+    def start_router(self, argv: list[str], port: int, timeout_s: float) -> None:
+        self.router = Child("router", argv)
+        url = f"http://127.0.0.1:{port}/health"
+
+        def healthy() -> bool:
+            self._check_stop()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.status == 200
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+
+        wait_until(healthy, timeout_s, [*self.shards, self.router], "waiting for the router to warm up and answer")
+
+    def supervise(self) -> int:
+        """Until a stop is requested (0) or a child dies (1)."""
+        children = [*self.shards, self.router]
+        while not self.stop.wait(0.1):
+            for child in children:
+                code = child.poll()
+                if code is not None:
+                    logger.error(f"{child.name} exited unexpectedly with code {code}: {child.last_error()}")
+                    return 1
+        return 0
+
+    def shutdown(self, uds_path: str) -> None:
+        """Router first (it finishes or fails in-flight requests), then the shards; sockets removed."""
+        if self.router is not None:
+            self.router.terminate(self.grace_s)
+        for shard in self.shards:
+            shard.terminate(self.grace_s)
+        for rank in range(self.world_size):
+            socket = Path(f"{uds_path}-{rank}")
+            if socket.exists():
+                socket.unlink()
+        if self.shards or self.router:
+            logger.info("all processes stopped")
+
+
+def _setup_logging(json_output: bool) -> None:
+    logger.remove()
+    logger.add(sys.stderr, serialize=json_output, level=os.environ.get("LOG_LEVEL", "INFO"))
+
+
+def _world_size(num_shard: int | None, sharded: bool | None) -> int:
+    if sharded is False and num_shard not in (None, 1):
+        raise ValueError(f"--sharded false contradicts --num-shard {num_shard}")
+    if sharded and (num_shard is None or num_shard < 2):
+        raise ValueError("--sharded needs --num-shard of at least 2")
+    return num_shard or 1
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise LaunchError(f"{model_dir} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LaunchError(f"{path} is not valid JSON: {e}") from None
+
+
+def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_port, json_output, limits) -> list[str]:
+    argv = [
+        _command("text-generation-router"),
+        "--master-shard-uds-path", f"{shard_uds_path}-0",
+        "--tokenizer-name", str(model_dir),
+        "--model-id", model_id,
+        "--hostname", hostname,
+        "--port", str(port),
+        "--grpc-port", str(grpc_port),
+    ]
+    for name, value in limits.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if json_output:
+        argv.append("--json-output")
+    return argv
+
+
+def _server_command() -> str:
+    return _command("text-generation-server")
+
+
+def _command(name: str) -> str:
+    """The console script beside this interpreter (the same virtualenv), else from PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise LaunchError(f"{name} is not installed (run `make install`)")
+    return found
+
+
+if __name__ == "__main__":
+    app()
