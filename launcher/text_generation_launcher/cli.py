@@ -113,7 +113,11 @@ def main(
         grpc_url = f", gRPC {shown_host}:{grpc_port}" if grpc_port else ""
         logger.info(f"ready: HTTP http://{shown_host}:{port} (TGI and OpenAI APIs, docs at /docs){grpc_url}")
         code = launcher.supervise()
-    except (LaunchError, ChildFailed, TimeoutError) as e:
+    except ChildFailed as e:
+        # the child's own error line was relayed already: one ERROR line, not two
+        logger.log("INFO" if e.child.logged_error else "ERROR", str(e))
+        code = 1
+    except (LaunchError, TimeoutError) as e:
         logger.error(str(e))
         code = 1
     except StopRequested:

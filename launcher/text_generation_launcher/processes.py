@@ -24,6 +24,7 @@ class Child:
         self.name = name
         self.argv = list(argv)
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.logged_error = False  # whether the child itself logged an ERROR line (relayed as is)
         # own session: a Ctrl-C in the terminal reaches the launcher only, which then stops children in order
         self.process = subprocess.Popen(
             self.argv,
@@ -53,6 +54,7 @@ class Child:
                 continue
             message, level = parse_log_line(line)
             self.tail.append(message)
+            self.logged_error = self.logged_error or level in ("ERROR", "CRITICAL")
             logger.opt(depth=0).log(level, f"[{self.name}] {message}")
 
     def last_error(self) -> str:
