@@ -1,0 +1,344 @@
+"""`text-generation-router`: connects to the shards, warms them up, schedules requests and serves the APIs.
+
+Start-up (TGI's order, tgi.md §1.4): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup,
+check the limits, build the RouterState, start the scheduler, then serve HTTP (uvicorn, the FastAPI app of
+`text_generation_router.http.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
+One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting, let in-flight requests finish
+(bounded by --graceful-termination-timeout), exit 0.
+
+Defaults derived from the model (stated here because TGI computes some of them in its launcher):
+  * --max-total-tokens: min(max_position_embeddings, KV capacity after Warmup, --max-batch-total-tokens);
+  * --max-input-tokens: max_total_tokens - 1;
+  * --max-batch-prefill-tokens: max(4096, max_input_tokens), capped at max_batch_total_tokens;
+  * --max-batch-total-tokens: the KV capacity from Warmup; a smaller value caps what the router uses
+    (whole blocks: floor(value / block_size) blocks), which forces preemption in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from loguru import logger
+
+app = typer.Typer(add_completion=False, help="Router of the InternLM2 inference server (TGI-compatible APIs).")
+
+
+class StartupError(Exception):
+    pass
+
+
+def setup_logging(json_output: bool, level: str = "INFO") -> None:
+    logger.remove()
+    if json_output:
+        logger.add(sys.stderr, level=level, serialize=True)
+    else:
+        logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} router: {message}")
+
+
+@app.command()
+def main(
+    master_shard_uds_path: str = typer.Option("/tmp/text-generation-server-0", help="Rank 0's unix socket."),
+    tokenizer_name: str = typer.Option(..., help="Directory holding the tokenizer files (the model directory)."),
+    model_id: Optional[str] = typer.Option(None, help="Model name shown to clients (default: the tokenizer dir)."),
+    hostname: str = typer.Option("0.0.0.0", help="HTTP listen address."),
+    port: int = typer.Option(3000, help="HTTP port."),
+    grpc_port: int = typer.Option(8033, help="Public gRPC API port; 0 disables it."),
+    max_concurrent_requests: int = typer.Option(128),
+    max_best_of: int = typer.Option(2),
+    max_stop_sequences: int = typer.Option(4),
+    max_top_n_tokens: int = typer.Option(5),
+    max_input_tokens: Optional[int] = typer.Option(None, help="Default: max_total_tokens - 1."),
+    max_total_tokens: Optional[int] = typer.Option(
+        None, help="Default: min(max_position_embeddings, KV capacity)."
+    ),
+    max_batch_prefill_tokens: Optional[int] = typer.Option(None, help="Default: max(4096, max_input_tokens)."),
+    max_batch_total_tokens: Optional[int] = typer.Option(
+        None, help="Cap on the KV capacity the router uses (default: all of it, from Warmup)."
+    ),
+    waiting_served_ratio: float = typer.Option(0.3),
+    max_waiting_tokens: int = typer.Option(20),
+    max_client_batch_size: int = typer.Option(4),
+    graceful_termination_timeout: float = typer.Option(60.0, help="Seconds in-flight requests get at shutdown."),
+    json_output: bool = typer.Option(False, help="One JSON log record per line."),
+    logger_level: str = typer.Option("INFO"),
+) -> None:
+    """Router of the InternLM2 inference server (TGI-compatible APIs)."""
+    setup_logging(json_output, logger_level)
+    options = dict(locals())
+    try:
+        code = asyncio.run(run(options))
+    except StartupError as e:
+        logger.error(f"start-up failed: {e}")
+        raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+async def connect_and_warm(o: dict):
+    """Client, Info, limits and block allocator after Warmup (raises StartupError with a clear message)."""
+    from text_generation_router.client import ShardedClient
+    from text_generation_router.types import RouterLimits, ShardInfo
+
+    try:
+        client = await ShardedClient.connect(o["master_shard_uds_path"])
+        await client.clear_cache()
+        info = await client.info()
+    except Exception as e:  # noqa: BLE001
+        raise StartupError(str(e)) from None
+
+    mpe = info.max_position_embeddings
+    user_total, user_input = o["max_total_tokens"], o["max_input_tokens"]
+    user_prefill, user_batch_total = o["max_batch_prefill_tokens"], o["max_batch_total_tokens"]
+    if user_input is not None and user_total is not None and not user_input < user_total:
+        raise StartupError(f"--max-input-tokens ({user_input}) must be < --max-total-tokens ({user_total})")
+    # what Warmup is asked for: the user's limits, else the model's
+    warm_total = user_total if user_total is not None else (user_input + 1 if user_input is not None else mpe)
+    if user_batch_total is not None and user_total is None:
+        warm_total = min(warm_total, user_batch_total)
+    warm_input = user_input if user_input is not None else warm_total - 1
+    warm_prefill = user_prefill if user_prefill is not None else max(4096, warm_input)
+    if warm_input < 1:
+        raise StartupError(f"max_total_tokens ({warm_total}) leaves no room for a prompt")
+    if warm_prefill < warm_input:
+        raise StartupError(
+            f"--max-batch-prefill-tokens ({warm_prefill}) must be >= --max-input-tokens ({warm_input})"
+        )
+    try:
+        warm = await client.warmup(warm_input, warm_prefill, warm_total)
+    except Exception as e:  # noqa: BLE001
+        raise StartupError(f"Warmup failed: {e}") from None
+
+    block_size = warm.block_size or info.block_size
+    num_blocks = warm.num_blocks
+    if user_batch_total is not None:
+        if user_batch_total < block_size:
+            raise StartupError(f"--max-batch-total-tokens ({user_batch_total}) is less than one block ({block_size})")
+        num_blocks = min(num_blocks, user_batch_total // block_size)
+    capacity = num_blocks * block_size
+    total = user_total if user_total is not None else min(mpe, capacity)
+    if user_total is None and user_input is not None:
+        total = max(min(total, capacity), user_input + 1)
+    max_input = user_input if user_input is not None else total - 1
+    prefill = user_prefill if user_prefill is not None else min(max(4096, max_input), capacity)
+
+    # TGI's start-up constraints
+    if not max_input < total:
+        raise StartupError(f"max_input_tokens ({max_input}) must be < max_total_tokens ({total})")
+    if prefill < max_input:
+        raise StartupError(f"max_batch_prefill_tokens ({prefill}) must be >= max_input_tokens ({max_input})")
+    if prefill > capacity:
+        raise StartupError(
+            f"max_batch_prefill_tokens ({prefill}) must be <= max_batch_total_tokens ({capacity}, the KV capacity)"
+        )
+    if total > capacity:
+        raise StartupError(
+            f"max_total_tokens ({total}) must be <= max_batch_total_tokens ({capacity}): not enough KV cache "
+            f"({num_blocks} blocks of {block_size} tokens) for one request"
+        )
+    if max_input < 1:
+        raise StartupError(f"max_input_tokens must be >= 1, got {max_input}")
+
+    limits = RouterLimits(
+        max_concurrent_requests=o["max_concurrent_requests"],
+        max_best_of=o["max_best_of"],
+        max_stop_sequences=o["max_stop_sequences"],
+        max_top_n_tokens=o["max_top_n_tokens"],
+        max_input_tokens=max_input,
+        max_total_tokens=total,
+        max_batch_prefill_tokens=prefill,
+        max_batch_total_tokens=capacity,
+        waiting_served_ratio=o["waiting_served_ratio"],
+        max_waiting_tokens=o["max_waiting_tokens"],
+        max_client_batch_size=o["max_client_batch_size"],
+    )
+    shard = ShardInfo(
+        model_id=info.model_id,
+        architecture=info.architecture,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        block_size=block_size,
+        world_size=client.world_size,
+        vocab_size=info.vocab_size,
+        max_position_embeddings=mpe,
+        eos_token_ids=tuple(info.eos_token_ids),
+        num_blocks=num_blocks,
+    )
+    return client, info, limits, shard
+
+
+def build_state(client, limits, shard, tokenizer, model_id: str, features=()):
+    """Scheduler, Infer, Validation and RouterState (the scheduler is not started)."""
+    from text_generation_router.allocator import BlockAllocator
+    from text_generation_router.infer import Infer
+    from text_generation_router.scheduler import Scheduler, SchedulerConfig
+    from text_generation_router.types import RouterState
+
+    scheduler = Scheduler(
+        client,
+        BlockAllocator(shard.num_blocks, shard.block_size),
+        SchedulerConfig(
+            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+            waiting_served_ratio=limits.waiting_served_ratio,
+            max_waiting_tokens=limits.max_waiting_tokens,
+        ),
+        tokenizer=tokenizer,
+    )
+    infer = Infer(scheduler, limits.max_concurrent_requests)
+    infer.health_check = client.health
+    validation = None
+    try:
+        from text_generation_router.validation import Validation
+    except ImportError:
+        logger.warning("text_generation_router.validation is not available: requests are not validated")
+    else:
+        validation = Validation(tokenizer, limits)
+    return RouterState(
+        infer=infer,
+        validation=validation,
+        tokenizer=tokenizer,
+        limits=limits,
+        shard=shard,
+        model_id=model_id,
+        extra={"client": client, "scheduler": scheduler, "features": tuple(features)},
+    )
+
+
+def fallback_app(state):
+    """A minimal HTTP API (GET /health, POST /generate) used only while `text_generation_router.http` does not
+    exist: enough for the stack's own smoke test."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from text_generation_router.types import GenerationRequest, RouterError, SamplingParams
+
+    api = FastAPI()
+
+    @api.get("/health")
+    async def health():
+        ok = await state.infer.health()
+        return JSONResponse({} if ok else {"error": "unhealthy", "error_type": "healthcheck"}, 200 if ok else 503)
+
+    @api.post("/generate")
+    async def generate(body: dict):
+        params = body.get("parameters") or {}
+        ids = state.tokenizer.encode(body.get("inputs", ""))[-state.limits.max_input_tokens :]
+        max_new = min(int(params.get("max_new_tokens") or 20), state.limits.max_total_tokens - len(ids))
+        request = GenerationRequest(
+            input_ids=tuple(ids), parameters=SamplingParams(), max_new_tokens=max_new,
+            ignore_eos_token=bool(params.get("ignore_eos_token", False)),
+        )
+        try:
+            tokens, end = await state.infer.generate(request)
+        except RouterError as e:
+            return JSONResponse({"error": str(e), "error_type": e.error_type}, e.status)
+        return {
+            "generated_text": end.generated_text,
+            "details": {
+                "finish_reason": end.finish_reason,
+                "generated_tokens": end.generated_tokens,
+                "tokens": [{"id": t.token.id, "text": t.token.text} for t in tokens],
+            },
+        }
+
+    return api
+
+
+class _Uvicorn:
+    """uvicorn.Server without its own signal handling (the router handles SIGTERM/SIGINT itself)."""
+
+    @staticmethod
+    def make(app_, host: str, port: int, graceful: float, json_output: bool):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        config = uvicorn.Config(
+            app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful),
+            access_log=False,
+        )
+        return Server(config)
+
+
+async def run(o: dict) -> int:
+    from text_generation_server.utils.tokenizer import Tokenizer
+
+    client, info, limits, shard = await connect_and_warm(o)
+    tokenizer_dir = Path(o["tokenizer_name"])
+    try:
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir, vocab_size=info.vocab_size)
+    except Exception as e:  # noqa: BLE001
+        raise StartupError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from None
+    model_id = o["model_id"] or str(o["tokenizer_name"])
+    state = build_state(client, limits, shard, tokenizer, model_id, features=info.features)
+    scheduler = state.extra["scheduler"]
+    scheduler.start()
+
+    try:
+        from text_generation_router.http import create_app
+    except ImportError:
+        logger.warning("text_generation_router.http is not available: serving only /health and a minimal /generate")
+        http_app = fallback_app(state)
+    else:
+        http_app = create_app(state)
+    server = _Uvicorn.make(http_app, o["hostname"], o["port"], o["graceful_termination_timeout"], o["json_output"])
+
+    grpc_server = None
+    if o["grpc_port"]:
+        try:
+            from text_generation_router.grpc_api import serve_grpc
+        except ImportError:
+            logger.warning("text_generation_router.grpc_api is not available: no public gRPC API")
+        else:
+            grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"])
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stopping.is_set():
+            logger.warning(f"received {sig.name} again: forcing exit")
+            server.force_exit = True
+        logger.info(f"received {sig.name}: stop accepting, finish in-flight requests")
+        stopping.set()
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    serve_task = asyncio.create_task(server.serve())
+    while not server.started:
+        if serve_task.done():
+            await serve_task
+            await scheduler.stop()
+            raise StartupError(f"the HTTP server could not start on {o['hostname']}:{o['port']}")
+        await asyncio.sleep(0.02)
+    logger.info(
+        f"router ready: http://{o['hostname']}:{o['port']}"
+        + (f", gRPC {o['hostname']}:{o['grpc_port']}" if grpc_server is not None else "")
+        + f"; {shard.architecture} {shard.dtype} on {shard.device_type} × {shard.world_size}, "
+        f"KV {shard.num_blocks} blocks × {shard.block_size} tokens, max_input_tokens {limits.max_input_tokens}, "
+        f"max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens {limits.max_batch_prefill_tokens}"
+    )
+
+    await serve_task  # returns once should_exit is set and the HTTP connections are done (bounded)
+    if grpc_server is not None:
+        await grpc_server.stop(grace=o["graceful_termination_timeout"])
+    if not await state.infer.wait_idle(o["graceful_termination_timeout"]):
+        logger.warning("in-flight requests did not finish in time; cancelling them")
+    await scheduler.stop()
+    with contextlib.suppress(Exception):
+        await client.close()
+    logger.info("router stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    app()

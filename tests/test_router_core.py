@@ -1,0 +1,246 @@
+"""The router core against a real shard process: ShardedClient + Scheduler + Infer, in this process.
+
+Greedy tokens are compared with the in-process engine running each request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import BlockAllocator as EngineBlocks
+from helpers import make_request
+from router_stack import SERVER_CLI
+from text_generation_server.models import get_model
+from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
+
+from text_generation_router import metrics
+from text_generation_router.allocator import BlockAllocator
+from text_generation_router.client import ShardedClient
+from text_generation_router.infer import Infer
+from text_generation_router.scheduler import Scheduler, SchedulerConfig
+from text_generation_router.types import GenerationRequest, SamplingParams, StreamEnd
+from text_generation_server.utils.tokenizer import Tokenizer
+
+WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def shard_socket(tiny_internlm2_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("core")
+    uds = directory / "shard"
+    log = directory / "shard.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*SERVER_CLI, "serve", str(tiny_internlm2_dir), "--uds-path", str(uds), "--dtype", "float32",
+             "--device", "cpu", "--kv-cache-fraction", "0.002"],
+            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+    socket = Path(f"{uds}-0")
+    deadline = time.monotonic() + 60
+    while not socket.exists():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    yield socket
+    assert process.poll() is None, f"the shard died:\n{log.read_text()}"
+    process.terminate()
+    process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_internlm2_dir):
+    model = get_model(tiny_internlm2_dir, dtype="float32", device="cpu")
+    model.allocate_kv_cache(256, 16)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_internlm2_dir):
+    return Tokenizer.from_pretrained(tiny_internlm2_dir, vocab_size=1000)
+
+
+def engine_tokens(engine, prompt, max_new_tokens) -> tuple[list[int], str]:
+    blocks = EngineBlocks(256, 16)
+    request = make_request(blocks, 0, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+    batch = FlashCausalLMBatch.from_requests(0, [request], engine)
+    ids, text = [], None
+    while batch is not None:
+        generations, batch = engine.generate_token(batch)
+        ids.append(generations[0].tokens.ids[0])
+        if generations[0].generated_text is not None:
+            text = generations[0].generated_text.text
+    return ids, text
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        length = int(torch.randint(2, 30, (1,), generator=g))
+        out.append(torch.randint(3, 990, (length,), generator=g).tolist())
+    return out
+
+
+def greedy(prompt, max_new_tokens) -> GenerationRequest:
+    return GenerationRequest(
+        input_ids=tuple(prompt), parameters=SamplingParams(), max_new_tokens=max_new_tokens, ignore_eos_token=True
+    )
+
+
+async def open_core(socket: Path, tokenizer, max_blocks: int | None = None, **config):
+    client = await ShardedClient.connect(str(socket))
+    await client.clear_cache()
+    warm = await client.warmup(**WARMUP)
+    num_blocks = warm.num_blocks if max_blocks is None else min(max_blocks, warm.num_blocks)
+    scheduler = Scheduler(client, BlockAllocator(num_blocks, warm.block_size), SchedulerConfig(**config), tokenizer)
+    scheduler.start()
+    return client, scheduler, Infer(scheduler, 128)
+
+
+async def close_core(client, scheduler):
+    await scheduler.stop()
+    await client.close()
+
+
+def run(coro, timeout=50):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_greedy_tokens_equal_the_engine(shard_socket, engine, tokenizer):
+    cases = [(p, 6 + i) for i, p in enumerate(prompts(6, seed=1))]
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+        info = await client.info()
+        results = await asyncio.gather(*(infer.generate(greedy(p, n)) for p, n in cases))
+        await close_core(client, scheduler)
+        return info, results, scheduler
+
+    info, results, scheduler = run(main())
+    assert info.architecture == "InternLM2ForCausalLM"
+    for (prompt, n), (tokens, end) in zip(cases, results):
+        want_ids, want_text = engine_tokens(engine, prompt, n)
+        assert [t.token.id for t in tokens] == want_ids
+        assert end.generated_tokens == n and end.finish_reason == "length" and end.input_length == len(prompt)
+        assert end.generated_text == want_text
+        assert end.queue_s >= 0 and end.inference_s > 0
+    assert scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
+
+
+def test_64_concurrent_streams_complete(shard_socket, tokenizer):
+    cases = [(p, 4 + i % 9) for i, p in enumerate(prompts(64, seed=2))]
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+
+        async def consume(request):
+            count, end = 0, None
+            async for item in infer.stream(request):
+                if isinstance(item, StreamEnd):
+                    end = item
+                else:
+                    count += 1
+            return count, end
+
+        results = await asyncio.gather(*(consume(greedy(p, n)) for p, n in cases))
+        stats = dict(scheduler.stats)
+        free = scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
+        await close_core(client, scheduler)
+        return results, stats, free
+
+    results, stats, free = run(main())
+    for (prompt, n), (count, end) in zip(cases, results):
+        assert count == n and end.generated_tokens == n
+    assert stats["max_running"] > 8, stats  # they really ran batched
+    assert free
+
+
+def test_closed_stream_frees_blocks_and_does_not_stall_others(shard_socket, tokenizer, engine):
+    others = [(p, 24) for p in prompts(4, seed=3)]
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+        tasks = [asyncio.ensure_future(infer.generate(greedy(p, n))) for p, n in others]
+        stream = infer.stream(greedy([5, 6, 7, 8, 9], 100))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        entry_id = stream._entry.id
+        decodes = scheduler.stats["decode"]
+        while scheduler.stats["decode"] < decodes + 2:
+            await asyncio.sleep(0.001)
+        still_running = entry_id in scheduler._running
+        results = await asyncio.gather(*tasks)
+        state = (scheduler.allocator.free_blocks, scheduler.allocator.num_blocks, scheduler.running_size)
+        await close_core(client, scheduler)
+        return still_running, results, state, infer.active
+
+    still_running, results, (free, total, running), active = run(main())
+    assert not still_running, "the closed stream's request left the batch within one step"
+    for (prompt, n), (tokens, end) in zip(others, results):
+        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)[0]
+    assert free == total and running == 0 and active == 0
+
+
+def test_preemption_with_a_tiny_kv_budget_keeps_greedy_results(shard_socket, tokenizer, engine):
+    # 6 blocks of 16 = 96 tokens; each request ends near 3 blocks, so 5 of them must take turns
+    cases = [(p[:12], 30) for p in prompts(5, seed=4) if len(p) >= 2]
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer, max_blocks=6)
+        before = metrics.request_preempted._value.get()
+        results = await asyncio.gather(*(infer.generate(greedy(p, n)) for p, n in cases))
+        preempted = metrics.request_preempted._value.get() - before
+        stats = dict(scheduler.stats)
+        free = scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
+        await close_core(client, scheduler)
+        return results, preempted, stats, free
+
+    results, preempted, stats, free = run(main())
+    assert preempted >= 1 and stats["preempted"] == preempted
+    for (prompt, n), (tokens, end) in zip(cases, results):
+        want_ids, want_text = engine_tokens(engine, prompt, n)
+        assert [t.token.id for t in tokens] == want_ids
+        assert end.generated_tokens == n
+        assert end.generated_text == want_text
+    assert free
+
+
+def test_stack_end_to_end_and_graceful_sigterm(tiny_internlm2_dir, tmp_path):
+    """start_stack + a plain POST /generate; SIGTERM lets an in-flight request finish and the router exits 0."""
+    import signal
+    import threading
+
+    import httpx
+    from router_stack import start_stack
+
+    stack = start_stack(tiny_internlm2_dir, tmp_path, router_args=["--max-batch-total-tokens", "256"], grpc=False)
+    try:
+        body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 8, "ignore_eos_token": True}}
+        answer = httpx.post(f"{stack.http_url}/generate", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert isinstance(answer.json()["generated_text"], str)
+        assert "ready" in stack.router_log()
+
+        result = {}
+        long_body = {"inputs": "Hi", "parameters": {"max_new_tokens": 150, "ignore_eos_token": True}}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("r", httpx.post(f"{stack.http_url}/generate", json=long_body, timeout=60))
+        )
+        thread.start()
+        time.sleep(0.3)
+        stack.router.send_signal(signal.SIGTERM)
+        thread.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert stack.router.wait(30) == 0, stack.logs()
+    finally:
+        stack.close()
