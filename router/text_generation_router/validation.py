@@ -1,0 +1,228 @@
+"""Request parameters (TGI's `GenerateParameters`) and their validation into a `GenerationRequest`.
+
+Independent of any web framework: the HTTP front end and the public gRPC front end both build a
+`GenerateParameters` and call `Validation.validate`. The rules and messages follow TGI's router
+(tgi.md §2.2); each message names the field and the allowed range, and every error is a
+`ValidationError` (HTTP 422, `error_type` "validation") whose text starts with "Input validation error: ".
+
+Validation also records TGI's validation metrics (duration, input length, max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from . import metrics
+from .types import GenerationRequest, RouterLimits, SamplingParams, ValidationError
+
+PREFIX = "Input validation error: "
+MAX_SEED = 2**64 - 1
+
+
+def invalid(message: str) -> ValidationError:
+    return ValidationError(PREFIX + message)
+
+
+class GenerateParameters(BaseModel):
+    """TGI's `GenerateParameters`: field names, types and defaults as the router's JSON accepts them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    best_of: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    return_full_text: bool | None = None
+    stop: list[str] = []
+    truncate: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: int | None = None
+    top_n_tokens: int | None = None
+    grammar: Any | None = None
+    adapter_id: str | None = None
+
+    @classmethod
+    def absent(cls) -> GenerateParameters:
+        """What TGI uses when a request has no `parameters` object at all: `do_sample` is then true."""
+        return cls(do_sample=True)
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's notion of "sampling is on", used by the best_of rules."""
+        return (
+            self.do_sample
+            or self.temperature is not None
+            or self.top_k is not None
+            or self.top_p is not None
+            or self.typical_p is not None
+        )
+
+
+class Validation:
+    """Turns (inputs, parameters) into a `GenerationRequest`, with TGI's checks and messages."""
+
+    def __init__(self, tokenizer: Any, limits: RouterLimits):
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    # ----------------------------------------------------------------------------------- pieces
+
+    def tokenize(
+        self, inputs: str, add_special_tokens: bool = True, truncate: int | None = None
+    ) -> list[int]:
+        try:
+            ids = list(self.tokenizer.encode(inputs, add_special_tokens=add_special_tokens))
+        except ValueError as error:
+            raise invalid(f"tokenizer error {error}") from error
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]  # TGI truncates from the left: the end of the prompt is kept
+        return ids
+
+    def validate_best_of(self, best_of: int | None) -> int:
+        """best_of ≤ --max-best-of (TGI's `validate_best_of`); returns the effective value."""
+        value = 1 if best_of is None else best_of
+        if self.limits.max_best_of == 1 and value != 1:
+            raise invalid("`best_of` != 1 is not allowed for this endpoint")
+        if value <= 0 or value > self.limits.max_best_of:
+            raise invalid(f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {value}")
+        return value
+
+    # ----------------------------------------------------------------------------------- main
+
+    def validate(
+        self,
+        inputs: str,
+        parameters: GenerateParameters | None = None,
+        add_special_tokens: bool = True,
+        stream: bool = False,
+    ) -> GenerationRequest:
+        """Raise `ValidationError` or return the request to queue. `stream`: the request streams tokens."""
+        start = time.perf_counter()
+        p = parameters if parameters is not None else GenerateParameters.absent()
+        limits = self.limits
+
+        best_of = self.validate_best_of(p.best_of)
+        if best_of > 1:
+            if stream:
+                raise invalid("`best_of` != 1 is not supported when streaming tokens")
+            if not p.sampling:
+                raise invalid(
+                    "you must use sampling when `best_of` is > 1 "
+                    "(set `do_sample`, `temperature`, `top_k`, `top_p` or `typical_p`)"
+                )
+            if p.seed is not None:
+                raise invalid("`seed` must not be set when `best_of` > 1")
+        if stream and p.decoder_input_details:
+            raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
+
+        temperature = 1.0 if p.temperature is None else p.temperature
+        if not temperature > 0:
+            raise invalid(f"`temperature` must be strictly positive (> 0). Given: {temperature}")
+        repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+        if not repetition_penalty > 0:
+            raise invalid(
+                f"`repetition_penalty` must be strictly positive (> 0). Given: {repetition_penalty}"
+            )
+        frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
+        if not -2.0 <= frequency_penalty <= 2.0:
+            raise invalid(f"`frequency_penalty` must be >= -2.0 and <= 2.0. Given: {frequency_penalty}")
+        top_p = 1.0 if p.top_p is None else p.top_p
+        if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+            raise invalid(f"`top_p` must be > 0.0 and < 1.0. Given: {p.top_p}")
+        typical_p = 1.0 if p.typical_p is None else p.typical_p
+        if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+            raise invalid(f"`typical_p` must be > 0.0 and < 1.0. Given: {p.typical_p}")
+        top_k = 0 if p.top_k is None else p.top_k
+        if p.top_k is not None and p.top_k <= 0:
+            raise invalid(f"`top_k` must be strictly positive (> 0). Given: {p.top_k}")
+
+        if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+            raise invalid(f"`max_new_tokens` must be strictly positive (> 0). Given: {p.max_new_tokens}")
+        if len(p.stop) > limits.max_stop_sequences:
+            raise invalid(
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+            )
+        if any(s == "" for s in p.stop):
+            raise invalid("`stop` sequences must not be empty strings")
+
+        if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+            raise invalid(f"`seed` must be >= 0 and <= {MAX_SEED}. Given: {p.seed}")
+        seed = p.seed if p.seed is not None else random.randrange(2**63)
+
+        top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
+        if not 0 <= top_n_tokens <= limits.max_top_n_tokens:
+            raise invalid(
+                f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}"
+            )
+
+        if p.grammar is not None:
+            raise invalid("grammar is not supported")
+        if p.watermark:
+            raise invalid("`watermark` is not supported: it must be false")
+        if p.adapter_id is not None:
+            raise invalid(f"`adapter_id` is not supported (no adapters are loaded). Given: {p.adapter_id!r}")
+
+        if not inputs:
+            raise invalid("`inputs` cannot be empty")
+        if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
+            raise invalid(
+                f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
+                f"Given: {p.truncate}"
+            )
+
+        input_ids = self.tokenize(inputs, add_special_tokens, p.truncate)
+        input_length = len(input_ids)
+        if input_length == 0:
+            raise invalid("`inputs` cannot be empty (it encodes to no tokens)")
+        if input_length > limits.max_input_tokens:
+            raise invalid(
+                f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}"
+            )
+        max_new_tokens = (
+            p.max_new_tokens if p.max_new_tokens is not None else limits.max_total_tokens - input_length
+        )
+        if max_new_tokens <= 0 or input_length + max_new_tokens > limits.max_total_tokens:
+            raise invalid(
+                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+
+        request = GenerationRequest(
+            input_ids=tuple(input_ids),
+            parameters=SamplingParams(
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                typical_p=typical_p,
+                do_sample=p.do_sample,
+                seed=seed,
+                repetition_penalty=repetition_penalty,
+                frequency_penalty=frequency_penalty,
+            ),
+            max_new_tokens=max_new_tokens,
+            stop_sequences=tuple(p.stop),
+            top_n_tokens=top_n_tokens,
+            prefill_logprobs=p.decoder_input_details,
+        )
+        metrics.request_validation_duration.observe(time.perf_counter() - start)
+        metrics.request_input_length.observe(input_length)
+        metrics.request_max_new_tokens.observe(max_new_tokens)
+        return request
+
+    @staticmethod
+    def reseed(request: GenerationRequest) -> GenerationRequest:
+        """The same request with a fresh random seed (each best_of candidate samples on its own)."""
+        params = dataclasses.replace(request.parameters, seed=random.randrange(2**63))
+        return dataclasses.replace(request, parameters=params)
