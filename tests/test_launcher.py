@@ -144,7 +144,7 @@ def test_launcher_serves_internlm2_through_every_api(launch, tmp_path, tmp_path_
             generation_pb2.BatchedGenerationRequest(
                 requests=[generation_pb2.GenerationRequest(text=PROMPTS[1])],
                 params=generation_pb2.Parameters(
-                    stopping=generation_pb2.StoppingCriteria(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+                    stopping=generation_pb2.StoppingCriteria(max_new_tokens=NEW_TOKENS),
                     response=generation_pb2.ResponseOptions(generated_tokens=True),
                 ),
             ),
