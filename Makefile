@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/*.proto)
 STUBS  := $(patsubst proto/%.proto,server/text_generation_server/pb/%_pb2.py,$(PROTOS))
 
-.PHONY: install stubs test run clean
+.PHONY: install stubs test run bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,19 @@ DEFAULT_MODEL := models/tiny-internlm2
 
 $(DEFAULT_MODEL)/config.json:
 	$(BIN)/python scripts/make_tiny_internlm2.py $(DEFAULT_MODEL) --hidden 256 --layers 4 --heads 8 --kv-heads 2 \
-		--intermediate 688 --vocab 2048 --max-pos 4096
+		--intermediate 688 --vocab 1024 --max-pos 4096
 
 run: stubs $(DEFAULT_MODEL)/config.json
-	$(BIN)/text-generation-launcher --model-id $(DEFAULT_MODEL)
+	$(BIN)/text-generation-launcher --model-id $(DEFAULT_MODEL) --kv-cache-fraction 0.05
 
 test: stubs
 	$(BIN)/python -m pytest -q tests
+
+# Our server against transformers on the same random-weight model (small preset, float32); ~15 min on 2 cores.
+# Options: make bench BENCH_ARGS="--dtype bfloat16" (or --preset 1_8b, --concurrency 1,8,32, --requests N).
+# Installs nothing: the plot needs the `bench` extra (pip install -e '.[bench]'), the table and JSON do not.
+bench: stubs
+	$(BIN)/text-generation-benchmark --out bench-results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info server/*.egg-info server/text_generation_server/pb/*_pb2*

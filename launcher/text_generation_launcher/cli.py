@@ -82,23 +82,22 @@ def main(
     signal.signal(signal.SIGTERM, launcher.request_stop)
     signal.signal(signal.SIGINT, launcher.request_stop)
     try:
-        model_dir = launcher.download_weights(model_id, revision, json_output)
+        model_dir = launcher.download_weights(model_id, revision)
         config = _read_config(model_dir)
         logger.info(
             f"model {model_id}: {', '.join(config.get('architectures') or [config.get('model_type', '?')])}, "
             f"{world_size} shard(s) on {device}"
         )
-        shard_args = ["--device", device]
+        # children always log JSON records: the launcher re-logs them in its own format (text or JSON)
+        shard_args = ["--device", device, "--json-output"]
         if dtype:
             shard_args += ["--dtype", dtype]
         if kv_cache_fraction is not None:
             shard_args += ["--kv-cache-fraction", str(kv_cache_fraction)]
-        if json_output:
-            shard_args.append("--json-output")
         launcher.start_shards(model_dir, world_size, shard_uds_path, master_addr, master_port, shard_args, startup_timeout)
         router_args = _router_args(
             model_id=model_id, model_dir=model_dir, shard_uds_path=shard_uds_path, hostname=hostname, port=port,
-            grpc_port=grpc_port, json_output=json_output,
+            grpc_port=grpc_port,
             limits=dict(
                 max_concurrent_requests=max_concurrent_requests, max_best_of=max_best_of,
                 max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
@@ -152,13 +151,11 @@ class Launcher:
         if self.stop.is_set():
             raise StopRequested()
 
-    def download_weights(self, model_id: str, revision: str | None, json_output: bool) -> Path:
+    def download_weights(self, model_id: str, revision: str | None) -> Path:
         """Resolve the model to a local directory with `.safetensors` weights (converting `.bin` once)."""
-        argv = [_server_command(), "download-weights", model_id]
+        argv = [_server_command(), "download-weights", model_id, "--json-output"]
         if revision:
             argv += ["--revision", revision]
-        if json_output:
-            argv.append("--json-output")
         logger.info(f"preparing weights of {model_id}")
         result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         records = [parse_log_line(line) for line in result.stderr.splitlines() if line.strip()]
@@ -262,7 +259,7 @@ def _read_config(model_dir: Path) -> dict:
         raise LaunchError(f"{path} is not valid JSON: {e}") from None
 
 
-def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_port, json_output, limits) -> list[str]:
+def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_port, limits) -> list[str]:
     argv = [
         _command("text-generation-router"),
         "--master-shard-uds-path", f"{shard_uds_path}-0",
@@ -271,12 +268,11 @@ def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_po
         "--hostname", hostname,
         "--port", str(port),
         "--grpc-port", str(grpc_port),
+        "--json-output",
     ]
     for name, value in limits.items():
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    if json_output:
-        argv.append("--json-output")
     return argv
 
 

@@ -1,0 +1,140 @@
+"""Ratios, targets, the printed table, results.json and plot.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = {
+    "decode_b1": 1.1,  # ours / transformers tokens/s at batch 1
+    "mixed_32": 2.0,  # ours at 32 streams / transformers static batches of 32, total tokens/s
+    "overhead_32": 0.05,  # (served step - engine step) / served step, at most
+}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_ratios(results: dict) -> dict:
+    """Ratios to the baseline measured in the same run (> 1: ours is better), the overhead and the targets."""
+    w = results["workloads"]
+    for name, key in (("decode_b1", "decode_tok_s"), ("prefill", "prefill_tok_s")):
+        entry = w.get(name, {})
+        base = entry.get("baseline", {}).get(key)
+        entry["ratios"] = {
+            f"{who}_vs_baseline": _ratio(entry.get(who, {}).get(key), base) for who in ("ours_served", "ours_engine")
+        }
+    for level, entry in w.get("mixed", {}).items():
+        ours, base = entry.get("ours_served", {}), entry.get("baseline", {})
+        entry["ratios"] = {
+            "throughput": _ratio(ours.get("throughput_tok_s"), base.get("throughput_tok_s")),
+            # latencies: baseline / ours, so that > 1 means ours is faster too
+            "ttft_p50": _ratio(base.get("ttft_p50_ms"), ours.get("ttft_p50_ms")),
+            "itl_p50": _ratio(base.get("itl_p50_ms"), ours.get("itl_p50_ms")),
+        }
+    step = w.get("decode_step", {})
+    engine_ms = step.get("ours_engine", {}).get("step_ms")
+    served_ms = step.get("ours_served", {}).get("step_ms")
+    if engine_ms and served_ms:
+        step["overhead"] = {"ms": served_ms - engine_ms, "fraction": (served_ms - engine_ms) / served_ms}
+    targets = []
+    decode = w.get("decode_b1", {}).get("ratios", {}).get("ours_served_vs_baseline")
+    targets.append(_target("batch-1 decode tokens/s vs transformers (served)", decode, TARGETS["decode_b1"], ">="))
+    top = str(max((int(c) for c in w.get("mixed", {})), default=0))
+    mixed = w.get("mixed", {}).get(top, {}).get("ratios", {}).get("throughput")
+    targets.append(_target(f"{top} streams total tokens/s vs static batches of {top}", mixed, TARGETS["mixed_32"], ">="))
+    overhead = step.get("overhead", {}).get("fraction")
+    streams = step.get("ours_engine", {}).get("streams", "?")
+    targets.append(_target(f"router + gRPC share of a decode step at {streams} streams", overhead, TARGETS["overhead_32"], "<="))
+    results["targets"] = targets
+    return results
+
+
+def _target(name, value, threshold, op):
+    met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    return {"name": name, "value": value, "threshold": f"{op} {threshold}", "met": met}
+
+
+def _f(value, digits=1):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table(results: dict) -> str:
+    w = results["workloads"]
+    rows = [("workload", "metric", "ours served", "ours engine", "transformers", "ratio (served)")]
+    d = w.get("decode_b1", {})
+    rows.append((f"decode b1 ({d.get('baseline', d.get('ours_engine', {})).get('prompt_tokens', '?')} in)", "tokens/s",
+                 _f(d.get("ours_served", {}).get("decode_tok_s")), _f(d.get("ours_engine", {}).get("decode_tok_s")),
+                 _f(d.get("baseline", {}).get("decode_tok_s")), _f(d.get("ratios", {}).get("ours_served_vs_baseline"), 2) + "x"))
+    p = w.get("prefill", {})
+    rows.append((f"prefill ({p.get('baseline', p.get('ours_engine', {})).get('prompt_tokens', '?')} tokens)", "tokens/s",
+                 _f(p.get("ours_served", {}).get("prefill_tok_s")), _f(p.get("ours_engine", {}).get("prefill_tok_s")),
+                 _f(p.get("baseline", {}).get("prefill_tok_s")), _f(p.get("ratios", {}).get("ours_served_vs_baseline"), 2) + "x"))
+    for level, entry in sorted(w.get("mixed", {}).items(), key=lambda kv: int(kv[0])):
+        ours, base, r = entry.get("ours_served", {}), entry.get("baseline", {}), entry.get("ratios", {})
+        label = f"mixed, {level} streams"
+        rows.append((label, "total tokens/s", _f(ours.get("throughput_tok_s")), "", _f(base.get("throughput_tok_s")),
+                     _f(r.get("throughput"), 2) + "x"))
+        rows.append((label, "TTFT p50/p90 ms", f"{_f(ours.get('ttft_p50_ms'), 0)}/{_f(ours.get('ttft_p90_ms'), 0)}", "",
+                     f"{_f(base.get('ttft_p50_ms'), 0)}/{_f(base.get('ttft_p90_ms'), 0)}", _f(r.get("ttft_p50"), 2) + "x"))
+        rows.append((label, "ITL p50/p90 ms", f"{_f(ours.get('itl_p50_ms'))}/{_f(ours.get('itl_p90_ms'))}", "",
+                     f"{_f(base.get('itl_p50_ms'))}/{_f(base.get('itl_p90_ms'))}", _f(r.get("itl_p50"), 2) + "x"))
+    s = w.get("decode_step", {})
+    if s:
+        served, engine = s.get("ours_served", {}), s.get("ours_engine", {})
+        over = s.get("overhead", {})
+        rows.append((f"decode step, {engine.get('streams', served.get('streams', '?'))} streams", "ms/step",
+                     _f(served.get("step_ms"), 2), _f(engine.get("step_ms"), 2), "",
+                     f"overhead {_f(over.get('ms'), 2)} ms = {_f(100 * over['fraction'] if over else None)}%"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (n + 2) for n in widths) + "|")
+    out = "\n".join(lines)
+    marks = {True: "met", False: "MISSED", None: "not measured"}
+    out += "\n\nTargets (ratios to transformers measured in this run):\n"
+    for t in results.get("targets", []):
+        out += f"  - {t['name']}: {_f(t['value'], 3)} (target {t['threshold']}): {marks[t['met']]}\n"
+    return out
+
+
+def write_json(results: dict, out_dir: Path) -> Path:
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+def plot(results: dict, out_dir: Path) -> Path | None:
+    """Throughput and latency against concurrency; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    mixed = results["workloads"].get("mixed", {})
+    levels = sorted(int(c) for c in mixed)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for who, label, style in (("ours_served", "ours (served)", "o-"), ("baseline", "transformers (static batches)", "s--")):
+        xs = [c for c in levels if mixed[str(c)].get(who)]
+        if not xs:
+            continue
+        left.plot(xs, [mixed[str(c)][who]["throughput_tok_s"] for c in xs], style, label=label)
+        right.plot(xs, [mixed[str(c)][who]["ttft_p50_ms"] for c in xs], style, label=f"{label}: TTFT p50")
+        right.plot(xs, [mixed[str(c)][who]["itl_p50_ms"] for c in xs], style, alpha=0.55, label=f"{label}: ITL p50")
+    meta = results.get("meta", {})
+    title = f"{meta.get('preset', '?')} model, {meta.get('dtype', '?')}, mixed workload"
+    left.set(xscale="log", xlabel="concurrent streams", ylabel="total tokens/s", title=title)
+    right.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency (p50)")
+    for ax in (left, right):
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "plot.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,227 @@
+"""Our whole stack: `text-generation-launcher` (HTTP -> router -> gRPC -> shard) as a subprocess, driven by
+asynchronous streaming clients (aiohttp) against `/generate_stream`.
+
+Each request records `time.perf_counter()` at send and at the arrival of every token event: TTFT = first token
+- send, ITL = gaps between a request's token arrivals. A level of concurrency c is a closed loop: c clients each
+send their next request as soon as their previous one ended, over the same seeded list of requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .stats import latency_summary, median
+from .workloads import Prompt, PromptSet, Workloads
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher_argv() -> list[str]:
+    script = Path(sys.executable).with_name("text-generation-launcher")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from text_generation_launcher.cli import app; app()"]
+
+
+class ServedStack:
+    name = "ours (served)"
+
+    def __init__(self, model_dir: Path, dtype: str, workloads: Workloads, log_path: Path, extra_args=(),
+                 startup_timeout: float = 900):
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        max_input = max(workloads.decode_prompt, workloads.prefill_prompt, workloads.mixed_prompt[1],
+                        workloads.step_prompt) + 4
+        argv = [
+            *_launcher_argv(), "--model-id", str(model_dir), "--dtype", dtype, "--port", str(self.port),
+            "--grpc-port", "0", "--hostname", "127.0.0.1", "--shard-uds-path", str(self.socket_dir / "shard"),
+            "--master-port", str(free_port()), "--max-input-tokens", str(max_input),
+            "--max-total-tokens", str(workloads.max_total_tokens + 8), "--max-concurrent-requests",
+            str(max(128, 2 * max(workloads.concurrency), 2 * workloads.step_streams)), *extra_args,
+        ]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.info = {"engine": "ours: text-generation-launcher, HTTP /generate_stream", "dtype": dtype,
+                     "argv": argv[1:]}
+        self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"text-generation-launcher exited with {self.process.returncode}:\n{self.log_tail()}")
+            if "ready: HTTP" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"text-generation-launcher not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------- client
+
+    async def _stream(self, session, prompt: Prompt) -> dict:
+        body = {"inputs": prompt.text, "parameters": {"max_new_tokens": prompt.max_new_tokens, "details": False,
+                                                       "decoder_input_details": False}}
+        arrivals: list[float] = []
+        sent = time.perf_counter()
+        async with session.post(f"{self.url}/generate_stream", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                now = time.perf_counter()
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(f"stream error: {event['error']}")
+                if event.get("token") is not None:
+                    arrivals.append(now)
+        return {"sent": sent, "arrivals": arrivals, "asked": prompt.max_new_tokens}
+
+    async def _closed_loop(self, prompts: list[Prompt], concurrency: int) -> tuple[float, float, list[dict]]:
+        import aiohttp
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for p in prompts:
+            queue.put_nowait(p)
+        results: list[dict] = []
+
+        async def client(session):
+            while True:
+                try:
+                    p = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                results.append(await self._stream(session, p))
+
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(session) for _ in range(concurrency)))
+            end = time.perf_counter()
+        return start, end, results
+
+    def drive(self, prompts: list[Prompt], concurrency: int) -> tuple[float, float, list[dict]]:
+        return asyncio.run(self._closed_loop(prompts, concurrency))
+
+    def metrics(self) -> dict[str, float]:
+        """The router's Prometheus counters of the shard calls (sums and counts by method)."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
+        out = {}
+        pattern = re.compile(r'^(tgi_batch_(?:inference|forward|decode)_duration_(?:sum|count))\{method="(\w+)"\} (\S+)$')
+        for line in text.splitlines():
+            m = pattern.match(line)
+            if m:
+                out[f"{m.group(1)}:{m.group(2)}"] = float(m.group(3))
+        return out
+
+    # ----------------------------------------------------------------------------------------- workloads
+
+    def warmup(self, prompts: PromptSet, workloads: Workloads) -> None:
+        short = Prompt(prompts.decode.text, prompts.decode.ids, 4)
+        self.drive([short], 1)
+        burst = max(max(workloads.concurrency), workloads.step_streams)
+        self.drive([Prompt(p.text, p.ids, 3) for p in (prompts.mixed * burst)[:burst]], burst)
+
+    def decode(self, prompt: Prompt, repeats: int) -> dict:
+        runs = []
+        for _ in range(repeats):
+            _, end, (r,) = self.drive([prompt], 1)
+            t = r["arrivals"]
+            runs.append({"decode_tok_s": (len(t) - 1) / (t[-1] - t[0]), "e2e_tok_s": len(t) / (end - r["sent"]),
+                         "ttft_ms": (t[0] - r["sent"]) * 1000})
+        _check_counts([r], [prompt])
+        out = {key: median(x[key] for x in runs) for key in runs[0]}
+        out.update(prompt_tokens=len(prompt.ids), new_tokens=prompt.max_new_tokens, repeats=repeats)
+        return out
+
+    def prefill(self, prompt: Prompt, repeats: int) -> dict:
+        seconds = []
+        for _ in range(repeats):
+            _, _, (r,) = self.drive([Prompt(prompt.text, prompt.ids, 1)], 1)
+            seconds.append(r["arrivals"][0] - r["sent"])
+        s = median(seconds)
+        return {"prefill_tok_s": len(prompt.ids) / s, "ttft_ms": s * 1000, "prompt_tokens": len(prompt.ids),
+                "repeats": repeats}
+
+    def mixed(self, prompts: list[Prompt], concurrency: int) -> dict:
+        start, end, results = self.drive(prompts, concurrency)
+        _check_counts(results, prompts)
+        ttfts = [r["arrivals"][0] - r["sent"] for r in results]
+        gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+        tokens = sum(len(r["arrivals"]) for r in results)
+        out = latency_summary(ttfts, gaps, tokens, end - start)
+        out.update(concurrency=concurrency, mode=f"{concurrency} streaming clients, closed loop")
+        return out
+
+    def decode_step(self, prompts: list[Prompt]) -> dict:
+        """The decode step of `len(prompts)` streams all started at once, seen by the clients.
+
+        Window: from the last stream's first token (every stream has joined the running batch) to the first
+        stream's last token. Per stream, step time = window / tokens that arrived inside it; the median over
+        the streams. The router's counters of the shard calls over the whole run give the shard-side split.
+        """
+        before = self.metrics()
+        _, _, results = self.drive(prompts, len(prompts))
+        after = self.metrics()
+        _check_counts(results, prompts)
+        joined = max(r["arrivals"][0] for r in results)
+        leaving = min(r["arrivals"][-1] for r in results)
+        per_stream = []
+        for r in results:
+            inside = [t for t in r["arrivals"] if joined < t <= leaving]
+            if inside:
+                per_stream.append((leaving - joined) / len(inside))
+        out = {"streams": len(prompts), "window_ms": (leaving - joined) * 1000,
+               "step_ms": median(per_stream) * 1000 if per_stream else None}
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        calls = delta.get("tgi_batch_inference_duration_count:decode", 0.0)
+        if calls:
+            out["shard_decode_calls"] = calls
+            out["shard_call_ms"] = 1000 * delta["tgi_batch_inference_duration_sum:decode"] / calls
+            for kind in ("forward", "decode"):
+                key = f"tgi_batch_{kind}_duration_sum:decode"
+                if key in delta:
+                    out[f"shard_{kind}_ms"] = 1000 * delta[key] / calls
+        return out
+
+
+def _check_counts(results: list[dict], prompts: list[Prompt]) -> None:
+    short = [r for r in results if len(r["arrivals"]) != r["asked"]]
+    if short:
+        r = short[0]
+        raise RuntimeError(f"{len(short)} stream(s) ended early, e.g. {len(r['arrivals'])} of {r['asked']} tokens")
