@@ -37,7 +37,7 @@ run: stubs $(DEFAULT_MODEL)/config.json
 test: stubs
 	$(BIN)/python -m pytest -q tests
 
-# Our server against transformers on the same random-weight model (small preset, float32); ~15 min on 2 cores.
+# Our server against transformers on the same random-weight model (small preset, float32); ~16 min on 2 busy cores.
 # Options: make bench BENCH_ARGS="--dtype bfloat16" (or --preset 1_8b, --concurrency 1,8,32, --requests N).
 # Installs nothing: the plot needs the `bench` extra (pip install -e '.[bench]'), the table and JSON do not.
 bench: stubs

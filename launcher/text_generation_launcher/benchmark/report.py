@@ -38,6 +38,14 @@ def add_ratios(results: dict) -> dict:
     served_ms = step.get("ours_served", {}).get("step_ms")
     if engine_ms and served_ms:
         step["overhead"] = {"ms": served_ms - engine_ms, "fraction": (served_ms - engine_ms) / served_ms}
+        served = step["ours_served"]
+        if all(served.get(k) is not None for k in ("shard_call_ms", "shard_forward_ms", "shard_decode_ms")):
+            # where the extra time goes, from the router's averages of the shard calls in the same run
+            step["overhead"]["breakdown_ms"] = {
+                "http_router_outside_shard_call": served_ms - served["shard_call_ms"],
+                "grpc_and_shard_bookkeeping": served["shard_call_ms"] - served["shard_forward_ms"] - served["shard_decode_ms"],
+                "shard_step_slower_than_in_process": served["shard_forward_ms"] + served["shard_decode_ms"] - engine_ms,
+            }
     targets = []
     decode = w.get("decode_b1", {}).get("ratios", {}).get("ours_served_vs_baseline")
     targets.append(_target("batch-1 decode tokens/s vs transformers (served)", decode, TARGETS["decode_b1"], ">="))
@@ -93,6 +101,9 @@ def table(results: dict) -> str:
     lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (n + 2) for n in widths) + "|")
     out = "\n".join(lines)
+    breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
+    if breakdown:
+        out += "\n\nDecode step overhead, ms: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in breakdown.items())
     marks = {True: "met", False: "MISSED", None: "not measured"}
     out += "\n\nTargets (ratios to transformers measured in this run):\n"
     for t in results.get("targets", []):
@@ -118,13 +129,14 @@ def plot(results: dict, out_dir: Path) -> Path | None:
     mixed = results["workloads"].get("mixed", {})
     levels = sorted(int(c) for c in mixed)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for who, label, style in (("ours_served", "ours (served)", "o-"), ("baseline", "transformers (static batches)", "s--")):
+    engines = (("ours_served", "ours (served)", "C0"), ("baseline", "transformers (static batches)", "C1"))
+    for who, label, color in engines:
         xs = [c for c in levels if mixed[str(c)].get(who)]
         if not xs:
             continue
-        left.plot(xs, [mixed[str(c)][who]["throughput_tok_s"] for c in xs], style, label=label)
-        right.plot(xs, [mixed[str(c)][who]["ttft_p50_ms"] for c in xs], style, label=f"{label}: TTFT p50")
-        right.plot(xs, [mixed[str(c)][who]["itl_p50_ms"] for c in xs], style, alpha=0.55, label=f"{label}: ITL p50")
+        left.plot(xs, [mixed[str(c)][who]["throughput_tok_s"] for c in xs], "o-", color=color, label=label)
+        right.plot(xs, [mixed[str(c)][who]["ttft_p50_ms"] for c in xs], "o-", color=color, label=f"{label}: TTFT p50")
+        right.plot(xs, [mixed[str(c)][who]["itl_p50_ms"] for c in xs], "s--", color=color, label=f"{label}: ITL p50")
     meta = results.get("meta", {})
     title = f"{meta.get('preset', '?')} model, {meta.get('dtype', '?')}, mixed workload"
     left.set(xscale="log", xlabel="concurrent streams", ylabel="total tokens/s", title=title)
