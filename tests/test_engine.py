@@ -219,7 +219,7 @@ def test_half_precision_dtypes_follow_float32(model, dtype, tmp_path_factory):
     path = model.model_dir
     half = get_model(path, dtype=dtype, device="cpu")
     half.allocate_kv_cache(64, BLOCK_SIZE)
-    assert half.model.output.weight.dtype == getattr(torch, dtype)
+    assert half.model.output.dtype == getattr(torch, dtype)
     prompt = random_prompts(1, seed=21)[0]
     allocator = BlockAllocator(64, BLOCK_SIZE)
     logits = half.forward(FlashCausalLMBatch.from_requests(0, [make_request(allocator, 0, prompt)], half))
@@ -353,3 +353,22 @@ def test_decode_without_a_block_for_the_next_position_is_refused(model):
     model.extend_block_tables(batch, {0: [7]})
     generations, _ = model.generate_token(batch)
     assert len(generations) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decode_attention_follows_float32(dtype):
+    """Half-precision decode attention takes its own path (batched matmuls); it must agree with float32's."""
+    from text_generation_server.layers.attention import _decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    key_cache = torch.randn(64, BLOCK_SIZE, 2, 32, generator=generator)
+    value_cache = torch.randn(64, BLOCK_SIZE, 2, 32, generator=generator)
+    query = torch.randn(3, 6, 32, generator=generator)
+    block_tables = torch.tensor([[5, 9, 0], [1, 2, 3], [7, 0, 0]])
+    context_lengths = torch.tensor([20, 48, 3])
+    reference = _decode_attention(query, key_cache, value_cache, block_tables, context_lengths, 32**-0.5)
+    half = _decode_attention(
+        query.to(dtype), key_cache.to(dtype), value_cache.to(dtype), block_tables, context_lengths, 32**-0.5
+    )
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), reference, atol=3e-2, rtol=3e-2)

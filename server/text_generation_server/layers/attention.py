@@ -111,12 +111,20 @@ def _decode_attention(query, key_cache, value_cache, block_tables, context_lengt
     # (B, KV, span, D): each sequence's blocks gathered in order, padding masked below
     keys = key_cache[block_tables].view(batch, span, kv_heads, head_dim).transpose(1, 2)
     values = value_cache[block_tables].view(batch, span, kv_heads, head_dim).transpose(1, 2)
-    visible = torch.arange(span, device=query.device)[None, :] < context_lengths[:, None]  # (B, span)
-    q = query.unsqueeze(2)  # (B, H, 1, D)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    hidden = torch.arange(span, device=query.device)[None, :] >= context_lengths[:, None]  # (B, span)
+    if query.dtype == torch.float32:
+        out = F.scaled_dot_product_attention(
+            query.unsqueeze(2), keys, values, attn_mask=~hidden[:, None, None, :], scale=scale, enable_gqa=True
+        )
+        return out.squeeze(2)
+    # Half precision: plain batched matmuls with a float32 softmax. For one query token they run ~2.5× faster
+    # than the CPU flash-attention kernel, which is slow in bfloat16 (in float32 that kernel is the faster one).
+    group = query.shape[1] // kv_heads
+    q = query.view(batch, kv_heads, group, head_dim)  # the query heads of one KV head are consecutive
+    scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale  # (B, KV, G, span)
+    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # (B, KV, G, D)
+    return out.view(batch, kv_heads * group, head_dim)
 
 
 class PagedSelfAttention(torch.nn.Module):

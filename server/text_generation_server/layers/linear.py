@@ -16,13 +16,33 @@ from torch import nn
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 
 
+def _onednn_packable(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 class Linear(nn.Module):
-    """`y = x Wᵀ + b`, replicated on every rank."""
+    """`y = x Wᵀ + b`, replicated on every rank; x is [T, in].
+
+    On CPU the weight is held only pre-packed for oneDNN: with the [out, in] layout MKL runs the skinny products
+    of decoding (T from 1 to a few dozen) on one thread, up to 2× slower than oneDNN on the packed weight (the
+    float32 lm_head of a 92544-token vocabulary: 22 ms against 10 ms at T = 1). Elsewhere it is `F.linear`.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        if _onednn_packable(weight):
+            self.weight = None
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
 
     @classmethod
     def load(cls, weights, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
@@ -31,15 +51,22 @@ class Linear(nn.Module):
         return cls(weight, bias_tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def load_column_shard(weights, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
-    """This rank's block of output rows of `name` (its bias rows too)."""
+def column_shard(weights, name: str, in_features: int, out_features: int, bias: bool = False):
+    """This rank's block of output rows of `name`: (weight [rows, in], bias [rows] or None)."""
     start, stop = weights.tp.shard_range(out_features)
     weight = weights.get_rows(f"{name}.weight", start, stop, (out_features, in_features))
     bias_tensor = weights.get_rows(f"{name}.bias", start, stop, (out_features,)) if bias else None
-    return Linear(weight, bias_tensor)
+    return weight, bias_tensor
+
+
+def load_column_shard(weights, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
+    """A column-parallel linear: this rank's output rows of `name`."""
+    return Linear(*column_shard(weights, name, in_features, out_features, bias))
 
 
 class RowParallelLinear(nn.Module):
@@ -47,7 +74,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.linear = Linear(weight)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.tp = tp
 
@@ -59,7 +86,7 @@ class RowParallelLinear(nn.Module):
         return cls(weight, bias_tensor, weights.tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.linear(x))
         return out + self.bias if self.bias is not None else out
 
 
@@ -95,9 +122,13 @@ class ParallelLMHead(nn.Module):
         block = math.ceil(vocab_size / tp.world_size)
         if weight.shape[0] < block:  # the last rank's block is short when V % world != 0: pad with zero rows
             weight = torch.cat([weight, weight.new_zeros(block - weight.shape[0], weight.shape[1])])
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.linear = Linear(weight)
         self.vocab_size = vocab_size
         self.tp = tp
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.linear.dtype
 
     @classmethod
     def load(cls, weights, name: str, vocab_size: int, hidden: int) -> ParallelLMHead:
@@ -106,7 +137,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, V]."""
-        logits = F.linear(hidden, self.weight).float()
+        logits = self.linear(hidden).float()
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
 
 

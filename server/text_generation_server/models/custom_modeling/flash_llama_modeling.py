@@ -17,6 +17,7 @@ from text_generation_server.layers.linear import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_shard,
     load_column_shard,
 )
 from text_generation_server.models.config import ModelConfig
@@ -33,12 +34,12 @@ class LlamaAttention(PagedSelfAttention):
         kv_rows = config.num_key_value_heads * config.head_dim
         # each rank takes its block of heads from q, k and v: whole heads since world divides both counts
         parts = [
-            load_column_shard(weights, f"{prefix}.{name}", hidden, rows, bias=bias)
+            column_shard(weights, f"{prefix}.{name}", hidden, rows, bias=bias)
             for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))
         ]
         self.qkv_proj = Linear(
-            torch.cat([part.weight for part in parts]),
-            torch.cat([part.bias for part in parts]) if bias else None,
+            torch.cat([weight for weight, _ in parts]),
+            torch.cat([bias_part for _, bias_part in parts]) if bias else None,
         )
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", q_rows, hidden, bias=bias)
 
