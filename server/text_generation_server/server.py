@@ -1,8 +1,8 @@
 """The gRPC shard: `TextGenerationService` (proto/generate.proto) over one loaded model.
 
 State between calls is the cache of batches by id (and the KV cache they point into). Model work (Warmup,
-Prefill, Decode, FilterBatch, ClearCache) runs one call at a time under a lock; Info, Health and
-ServiceDiscovery take no lock, so they answer while a long Decode runs.
+Prefill, Decode, FilterBatch, ClearCache) runs one call at a time on the main thread (`ModelThread`); Info,
+Health and ServiceDiscovery answer on gRPC's threads, also while a long Decode runs.
 
 Error policy (`ErrorPolicy`, the only place that maps exceptions to statuses):
   * a bad request (`ShardError`, or a `ValueError` from the engine) -> its gRPC status and message; the shard
@@ -14,6 +14,7 @@ Error policy (`ErrorPolicy`, the only place that maps exceptions to statuses):
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -102,7 +103,7 @@ class ErrorPolicy(grpc.ServerInterceptor):
 
 
 class BatchCache:
-    """Cached batches by id. Not locked itself: the servicer holds its model lock around every use."""
+    """Cached batches by id; only the model thread touches it."""
 
     def __init__(self):
         self._batches: dict[int, FlashCausalLMBatch] = {}
@@ -136,6 +137,45 @@ class BatchCache:
         return {rid: bid for bid, batch in self._batches.items() for rid in batch.request_ids}
 
 
+class ModelThread:
+    """Runs every model call on the thread that loaded the model (the shard's main thread).
+
+    OpenMP keeps a team of worker threads per calling thread. Torch work started from gRPC's worker threads
+    makes more teams, whose idle workers then compete with the active ones for the cores: on 2 cores a bfloat16
+    batch-1 decode step took 20 ms with all torch work on one thread, and 31 ms once several threads had run
+    some. So gRPC threads only hand model calls over here and wait; calls run one at a time, in arrival order.
+    """
+
+    def __init__(self):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call(self, function, *args):
+        """Run `function(*args)` on the model thread; its result or exception comes back to the caller."""
+        future: futures.Future = futures.Future()
+        self._work.put((future, function, args))
+        return future.result()
+
+    def run_until(self, stop: threading.Event) -> None:
+        """The model thread's loop: run handed-over calls until `stop` is set, then refuse the rest."""
+        while not stop.is_set():
+            try:
+                future, function, args = self._work.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread, which raises it
+                future.set_exception(e)
+        while True:
+            try:
+                future, _, _ = self._work.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(FailedPrecondition("the shard is stopping"))
+
+
 class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     def __init__(
         self,
@@ -153,9 +193,9 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.rank = rank
         self.world_size = world_size
         self.cache = BatchCache()
-        self.lock = threading.Lock()
+        self.model_thread = ModelThread()
 
-    # ----- no lock ----------------------------------------------------------------------------------------
+    # ----- answered on gRPC's threads, while a model call may run -----------------------------------------
 
     def Info(self, request, context):
         model, config = self.model, self.model.config
@@ -186,104 +226,114 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
             raise RuntimeError(f"the device {device} computed 2 + 2 = {value.item()}")
         return generate_pb2.HealthResponse()
 
-    # ----- under the model lock ---------------------------------------------------------------------------
+    # ----- model calls: run on the model thread, one at a time ---------------------------------------------
 
     def ClearCache(self, request, context):
-        with self.lock:
-            if request.HasField("id"):
-                self.cache.pop(request.id)
-            else:
-                self.cache.clear()
-            device_layer.empty_cache(self.model.device)
+        return self.model_thread.call(self._ClearCache, request)
+
+    def _ClearCache(self, request):
+        if request.HasField("id"):
+            self.cache.pop(request.id)
+        else:
+            self.cache.clear()
+        device_layer.empty_cache(self.model.device)
         return generate_pb2.ClearCacheResponse()
 
     def FilterBatch(self, request, context):
-        with self.lock:
-            batch = self.cache.get(request.batch_id)
-            filtered = batch.filter(list(request.request_ids))  # ValueError on an id not in the batch
-            self.cache.set(request.batch_id, filtered)
-            if filtered is None:
-                return generate_pb2.FilterBatchResponse()
-            return generate_pb2.FilterBatchResponse(batch=pb_convert.cached_batch_to_pb(filtered))
+        return self.model_thread.call(self._FilterBatch, request)
+
+    def _FilterBatch(self, request):
+        batch = self.cache.get(request.batch_id)
+        filtered = batch.filter(list(request.request_ids))  # ValueError on an id not in the batch
+        self.cache.set(request.batch_id, filtered)
+        if filtered is None:
+            return generate_pb2.FilterBatchResponse()
+        return generate_pb2.FilterBatchResponse(batch=pb_convert.cached_batch_to_pb(filtered))
 
     def Warmup(self, request, context):
-        with self.lock:
-            self.cache.clear()
-            kv_cache = self.model.warmup(
-                request.max_input_tokens,
-                request.max_prefill_tokens,
-                request.max_total_tokens,
-                self.memory_fraction,
-            )
-            logger.info(
-                f"warmup: KV cache of {kv_cache.num_blocks} blocks × {kv_cache.block_size} tokens "
-                f"({kv_cache.num_slots} tokens)"
-            )
-            return generate_pb2.WarmupResponse(
-                num_blocks=kv_cache.num_blocks,
-                block_size=kv_cache.block_size,
-                max_supported_total_tokens=kv_cache.num_slots,
-            )
+        return self.model_thread.call(self._Warmup, request)
+
+    def _Warmup(self, request):
+        self.cache.clear()
+        kv_cache = self.model.warmup(
+            request.max_input_tokens,
+            request.max_prefill_tokens,
+            request.max_total_tokens,
+            self.memory_fraction,
+        )
+        logger.info(
+            f"warmup: KV cache of {kv_cache.num_blocks} blocks × {kv_cache.block_size} tokens "
+            f"({kv_cache.num_slots} tokens)"
+        )
+        return generate_pb2.WarmupResponse(
+            num_blocks=kv_cache.num_blocks,
+            block_size=kv_cache.block_size,
+            max_supported_total_tokens=kv_cache.num_slots,
+        )
 
     def Prefill(self, request, context):
+        return self.model_thread.call(self._Prefill, request)
+
+    def _Prefill(self, request):
         start = time.perf_counter_ns()
-        with self.lock:
-            self._require_warmup("Prefill")
-            batch_pb = request.batch
-            if not batch_pb.requests:
-                raise InvalidArgument(f"batch {batch_pb.id} has no requests")
-            if batch_pb.id in self.cache:
-                raise InvalidArgument(f"batch id {batch_pb.id} is already cached; batch ids must be unique")
-            held = self.cache.request_ids()
-            clash = next((r.id for r in batch_pb.requests if r.id in held), None)
-            if clash is not None:
-                raise InvalidArgument(f"request id {clash} is already in cached batch {held[clash]}")
-            requests = [pb_convert.request_from_pb(r) for r in batch_pb.requests]
-            batch = FlashCausalLMBatch.from_requests(batch_pb.id, requests, self.model)
-            generations, next_batch, forward_ns, step_ns = self._step(batch)
-            return generate_pb2.PrefillResponse(
-                generations=generations,
-                batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
-                forward_ns=forward_ns,
-                decode_ns=max(step_ns - forward_ns, 0),
-                total_ns=time.perf_counter_ns() - start,
-            )
+        self._require_warmup("Prefill")
+        batch_pb = request.batch
+        if not batch_pb.requests:
+            raise InvalidArgument(f"batch {batch_pb.id} has no requests")
+        if batch_pb.id in self.cache:
+            raise InvalidArgument(f"batch id {batch_pb.id} is already cached; batch ids must be unique")
+        held = self.cache.request_ids()
+        clash = next((r.id for r in batch_pb.requests if r.id in held), None)
+        if clash is not None:
+            raise InvalidArgument(f"request id {clash} is already in cached batch {held[clash]}")
+        requests = [pb_convert.request_from_pb(r) for r in batch_pb.requests]
+        batch = FlashCausalLMBatch.from_requests(batch_pb.id, requests, self.model)
+        generations, next_batch, forward_ns, step_ns = self._step(batch)
+        return generate_pb2.PrefillResponse(
+            generations=generations,
+            batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
+            forward_ns=forward_ns,
+            decode_ns=max(step_ns - forward_ns, 0),
+            total_ns=time.perf_counter_ns() - start,
+        )
 
     def Decode(self, request, context):
+        return self.model_thread.call(self._Decode, request)
+
+    def _Decode(self, request):
         start = time.perf_counter_ns()
-        with self.lock:
-            self._require_warmup("Decode")
-            ids = [cached.id for cached in request.batches]
-            if not ids:
-                raise InvalidArgument("Decode needs at least one batch")
-            if len(set(ids)) != len(ids):
-                raise InvalidArgument(f"a batch id is listed twice in Decode: {ids}")
-            batches = [
-                self.cache.get(batch_id) for batch_id in ids
-            ]  # every id looked up before any is popped
-            concat_ns = None
-            if len(batches) > 1:
-                concat_start = time.perf_counter_ns()
-                batch = FlashCausalLMBatch.concatenate(batches)  # ValueError leaves the cache untouched
-                concat_ns = time.perf_counter_ns() - concat_start
-            else:
-                batch = batches[0]
-            extended = [extension.request_id for extension in request.extensions]
-            if len(set(extended)) != len(extended):
-                raise InvalidArgument(f"a request is extended twice in Decode: {extended}")
-            # checks every request has a block for this step before changing anything
-            self.model.extend_block_tables(batch, {e.request_id: list(e.blocks) for e in request.extensions})
-            for batch_id in ids:
-                self.cache.pop(batch_id)
-            generations, next_batch, forward_ns, step_ns = self._step(batch)
-            return generate_pb2.DecodeResponse(
-                generations=generations,
-                batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
-                forward_ns=forward_ns,
-                decode_ns=max(step_ns - forward_ns, 0),
-                total_ns=time.perf_counter_ns() - start,
-                concat_ns=concat_ns,
-            )
+        self._require_warmup("Decode")
+        ids = [cached.id for cached in request.batches]
+        if not ids:
+            raise InvalidArgument("Decode needs at least one batch")
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument(f"a batch id is listed twice in Decode: {ids}")
+        batches = [
+            self.cache.get(batch_id) for batch_id in ids
+        ]  # every id looked up before any is popped
+        concat_ns = None
+        if len(batches) > 1:
+            concat_start = time.perf_counter_ns()
+            batch = FlashCausalLMBatch.concatenate(batches)  # ValueError leaves the cache untouched
+            concat_ns = time.perf_counter_ns() - concat_start
+        else:
+            batch = batches[0]
+        extended = [extension.request_id for extension in request.extensions]
+        if len(set(extended)) != len(extended):
+            raise InvalidArgument(f"a request is extended twice in Decode: {extended}")
+        # checks every request has a block for this step before changing anything
+        self.model.extend_block_tables(batch, {e.request_id: list(e.blocks) for e in request.extensions})
+        for batch_id in ids:
+            self.cache.pop(batch_id)
+        generations, next_batch, forward_ns, step_ns = self._step(batch)
+        return generate_pb2.DecodeResponse(
+            generations=generations,
+            batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
+            forward_ns=forward_ns,
+            decode_ns=max(step_ns - forward_ns, 0),
+            total_ns=time.perf_counter_ns() - start,
+            concat_ns=concat_ns,
+        )
 
     def _require_warmup(self, method: str) -> None:
         if self.model.kv_cache is None:
@@ -345,8 +395,7 @@ def serve(
         f"pid {os.getpid()}"
     )
     try:
-        while not stop.wait(0.5):
-            pass
+        servicer.model_thread.run_until(stop)
     finally:
         server.stop(grace=5).wait()
         for sig, handler in previous.items():
