@@ -1,4 +1,4 @@
-"""Test helpers: a tiny KV block allocator, request builders and an independent InternLM2 -> Llama conversion."""
+"""Test helpers: request builders for the engine and an independent InternLM2 -> Llama conversion."""
 
 from __future__ import annotations
 
@@ -10,47 +10,61 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from text_generation_server.models.types import Request, SamplingParameters, StoppingParameters
+from text_generation_server.models.types import NewRequest, SamplingParameters, StoppingParameters
 
 
-class BlockAllocator:
-    """Hands out KV blocks the way the router will: a free list, blocks returned when a request ends."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
-        self.free = list(range(num_blocks))
-
-    def allocate(self, tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        count = -(-tokens // self.block_size)
-        assert count <= len(self.free), "test allocator ran out of blocks"
-        # take from the end and reverse: a request's blocks are deliberately not contiguous or ascending
-        blocks = tuple(reversed([self.free.pop() for _ in range(count)]))
-        slots = tuple(blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(tokens))
-        return blocks, slots
-
-    def release(self, blocks) -> None:
-        self.free.extend(blocks)
-
-
-def make_request(
-    allocator: BlockAllocator,
-    request_id: int,
+def new_request(
     input_ids,
     max_new_tokens: int = 8,
     ignore_eos: bool = True,
     parameters: SamplingParameters = SamplingParameters(),
     **kwargs,
-) -> Request:
-    blocks, slots = allocator.allocate(len(input_ids) + max_new_tokens)
-    return Request(
-        id=request_id,
-        input_ids=tuple(input_ids),
-        blocks=blocks,
-        slots=slots,
-        parameters=parameters,
-        stopping=StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos_token=ignore_eos, **kwargs.pop("stopping", {})),
-        **kwargs,
+) -> NewRequest:
+    """An engine request for a prompt (greedy, ignoring EOS unless told otherwise)."""
+    stopping = StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos_token=ignore_eos, **kwargs.pop("stopping", {}))
+    return NewRequest(
+        token_ids=tuple(input_ids), prompt_length=len(input_ids), parameters=parameters, stopping=stopping, **kwargs
     )
+
+
+def greedy_tokens(model, prompts, max_new_tokens: int, chunk_size: int | None = None) -> list[list[int]]:
+    """Each prompt's greedy tokens, all prompts run together in `model` (whose KV cache must be allocated)."""
+    from text_generation_server.models.local import generate
+
+    results = generate(model, [new_request(p, max_new_tokens) for p in prompts], chunk_size=chunk_size)
+    return [r.token_ids for r in results]
+
+
+class LogitsRecorder:
+    """Keeps the logits of every forward of `model` (a wrapper around its compute_logits; tests only)."""
+
+    def __init__(self, model):
+        self.module = model.model
+        self.steps: list[torch.Tensor] = []
+        self._compute = self.module.compute_logits
+        self.module.compute_logits = self._record
+
+    def _record(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._compute(hidden)
+        self.steps.append(logits.clone())
+        return logits
+
+    def close(self) -> None:
+        # back to the class's method: an instance attribute holding the bound method would be a reference cycle
+        # (the model would then be freed only by the garbage collector, at interpreter exit, which gloo can abort)
+        del self.module.compute_logits
+
+
+def prompt_logits(model, prompt, chunk_size: int | None = None) -> torch.Tensor:
+    """[len(prompt), V]: the logits at every prompt position (computed when prompt logprobs are asked)."""
+    from text_generation_server.models.local import generate
+
+    recorder = LogitsRecorder(model)
+    try:
+        generate(model, [new_request(prompt, 1, prefill_logprobs=True)], chunk_size=chunk_size)
+    finally:
+        recorder.close()
+    return torch.cat(recorder.steps)
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +79,7 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def split_wqkv_by_rows(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
-    """Row selection straight from the layout formula: row (g·(G+2)+s)·D + d (internlm2.md §3.1).
+    """Row selection straight from the layout formula: row (g·(G+2)+s)·D + d.
 
     Deliberately written with index lists, unlike the engine's reshape, so that the two cannot share a bug.
     """

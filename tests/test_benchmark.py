@@ -1,8 +1,8 @@
 """`text-generation-benchmark --smoke`: the whole benchmark on a tiny model, as a subprocess.
 
 Benchmarks are not tests: nothing here looks at a timing. The smoke run checks that every phase ran (our
-engine in-process, our served stack, transformers), that results.json holds every workload for ours and the
-baseline, and that the ratios and targets were computed.
+engine in-process, our served stack, transformers, the feature workloads on and off), that results.json holds
+every workload for ours and the baseline, and that the ratios and targets were computed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     ]
     proc = subprocess.run(
         [*argv, "--smoke", "--out", str(out), "--model-cache", str(tmp_path / "models")],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-8000:]}"
     results = json.loads((out / "results.json").read_text())
@@ -47,5 +47,16 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert step["ours_engine"]["step_ms"] > 0 and step["ours_served"]["step_ms"] > 0
     assert "fraction" in step["overhead"]
 
-    assert len(results["targets"]) == 3 and all(t["value"] is not None for t in results["targets"])
+    f = results["features"]
+    prefix = f["prefix_cache"]
+    assert prefix["on"]["ttft_p50_ms"] > 0 and prefix["off"]["ttft_p50_ms"] > 0
+    assert prefix["on"]["prefix_cache_hits"] > 0 and prefix["off"]["prefix_cache_hits"] == 0
+    for mode in ("chunked", "unchunked"):
+        chunking = f["chunked_prefill"][mode]
+        assert chunking["gaps"] > 0 and chunking["longest_gap_ms"] > 0 and len(chunking["long_prompt_ttft_ms"]) == 2
+    long = f["long_context"]
+    assert long["new_tokens"] == 3 and long["ttft_s"] > 0 and long["kv_cache_bytes"] > 0
+    assert long["memory_peak"]["shard-0"]["VmHWM"] > 0 and long["memory_peak"]["router"]["VmHWM"] > 0
+
+    assert len(results["targets"]) == 5 and all(t["value"] is not None for t in results["targets"])
     assert "Targets" in proc.stdout and "results.json" in proc.stdout

@@ -19,10 +19,9 @@ import pytest
 import sentencepiece
 import torch
 from conftest import REPO_ROOT, make_tiny
-from helpers import BlockAllocator, make_request, read_checkpoint
+from helpers import prompt_logits, read_checkpoint
 from safetensors.torch import save_file
 from text_generation_server.models import get_model
-from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
 from text_generation_server.utils.convert_checkpoint import (
     TO_INTERNLM2,
     TO_LLAMA,
@@ -85,10 +84,7 @@ def converted(request, tmp_path_factory):
 def native_logits(model_dir: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     model = get_model(model_dir, dtype="float32", device="cpu")
     model.allocate_kv_cache(64, 16)
-    allocator = BlockAllocator(64, 16)
-    requests = [make_request(allocator, i, p, max_new_tokens=1) for i, p in enumerate(prompts)]
-    logits = model.forward(FlashCausalLMBatch.from_requests(0, requests, model), every_position=True)
-    return list(torch.split(logits, [len(p) for p in prompts]))
+    return [prompt_logits(model, p) for p in prompts]
 
 
 def test_transformers_llama_on_dst_matches_native_internlm2_on_src(converted, tmp_path):

@@ -1,4 +1,4 @@
-"""The engine's batching, sampling, stopping and bookkeeping, on a tiny InternLM2."""
+"""The engine's steps, sampling, stopping and bookkeeping, on a tiny InternLM2."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 from conftest import make_tiny
-from helpers import BlockAllocator, make_request
+from helpers import new_request
 
-from text_generation_server.layers.attention import KVCache
 from text_generation_server.models import get_model
-from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
 from text_generation_server.models.flash_internlm2 import FlashInternlm2
-from text_generation_server.models.types import FinishReason, SamplingParameters
+from text_generation_server.models.local import LocalRunner, generate
+from text_generation_server.models.types import FinishReason, NewRequest, SamplingParameters, ScheduledRequest, Step
+from text_generation_server.ops.reference import ReferenceOps
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 512
@@ -35,175 +35,207 @@ def random_prompts(count: int, seed: int = 0, low: int = 2, high: int = 40) -> l
     return [torch.randint(3, 990, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_to_end(model, batch) -> dict[int, list]:
-    """Step a batch until every request finished; generations by request id."""
-    out: dict[int, list] = {r.id: [] for r in batch.requests}
-    while batch is not None:
-        generations, batch = model.generate_token(batch)
+def alone(model, prompt, max_new_tokens=8, **kwargs):
+    """The LocalResult of one request run by itself."""
+    return generate(model, [new_request(prompt, max_new_tokens, **kwargs)])[0]
+
+
+class Driver:
+    """Steps the engine by hand: requests join at chosen steps, prompts go in chunks, some are released."""
+
+    def __init__(self, model):
+        self.model = model
+        self.free = list(range(NUM_BLOCKS))
+        self.pending: dict[int, dict] = {}
+        self.tokens: dict[int, list[int]] = {}
+
+    def add(self, request_id: int, new: NewRequest, chunk: int) -> None:
+        count = -(-(len(new.token_ids) + new.stopping.max_new_tokens) // BLOCK_SIZE)
+        blocks = tuple(self.free.pop() for _ in range(count))  # descending ids: neither contiguous nor ascending
+        self.pending[request_id] = dict(new=new, blocks=blocks, chunk=chunk, computed=new.num_cached_tokens, sent=False)
+        self.tokens[request_id] = []
+
+    def step(self, released=()) -> list:
+        for request_id in released:
+            self.pending.pop(request_id)
+        scheduled = []
+        for request_id, p in self.pending.items():
+            known = len(p["new"].token_ids) + len(self.tokens[request_id])
+            n = min(known - p["computed"], p["chunk"])
+            first = not p["sent"]
+            scheduled.append(ScheduledRequest(request_id, n, p["blocks"] if first else (), p["new"] if first else None))
+            p["sent"], p["computed"] = True, p["computed"] + n
+        generations = self.model.step(Step(requests=tuple(scheduled), released=tuple(released)))
         for g in generations:
-            out[g.request_id].append(g)
-    return out
-
-
-def tokens_of(generations) -> list[int]:
-    return [t for g in generations for t in g.tokens.ids]
-
-
-def alone(model, prompt, **kwargs) -> list:
-    allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
-    batch = FlashCausalLMBatch.from_requests(0, [make_request(allocator, 0, prompt, **kwargs)], model)
-    return run_to_end(model, batch)[0]
+            if g.token_id is not None:
+                self.tokens[g.request_id].append(g.token_id)
+            if g.finish_reason is not None:
+                self.pending.pop(g.request_id)
+        return generations
 
 
 def test_tokens_are_the_same_alone_and_in_a_changing_batch(model):
-    """8 requests of different lengths join in three waves and leave at different steps (one is cancelled)."""
+    """8 requests of different lengths join in three waves, some prompts in chunks, while others decode; they
+    leave at different steps and one is released (cancelled) midway."""
     prompts = random_prompts(8)
     budgets = [3, 9, 14, 6, 11, 2, 8, 12]
+    chunks = [1000, 5, 1000, 3, 7, 1000, 4, 1000]
     params = [SamplingParameters()] * 6 + [SamplingParameters(do_sample=True, seed=7), SamplingParameters(top_k=5, seed=3)]
-    expected = [
-        tokens_of(alone(model, p, max_new_tokens=n, parameters=s)) for p, n, s in zip(prompts, budgets, params)
-    ]
+    expected = [alone(model, p, n, parameters=s).token_ids for p, n, s in zip(prompts, budgets, params)]
 
-    allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
-    requests = [
-        make_request(allocator, i, p, max_new_tokens=n, parameters=s)
-        for i, (p, n, s) in enumerate(zip(prompts, budgets, params))
-    ]
-    waves = {0: [0, 1, 2], 2: [3, 4], 5: [5, 6, 7]}  # step -> requests whose prefill joins the running batch
-    cancelled_at = {7: 2}  # step -> request the client abandoned
-    produced = {r.id: [] for r in requests}
-    running = None
-    for step in range(40):
-        if step in waves:
-            new = FlashCausalLMBatch.from_requests(step, [requests[i] for i in waves[step]], model)
-            generations, new = model.generate_token(new)  # prefill, on its own
-            for g in generations:
-                produced[g.request_id].extend(g.tokens.ids)
-            joining = [b for b in (running, new) if b is not None]
-            running = FlashCausalLMBatch.concatenate(joining) if joining else None
-        if step in cancelled_at and running is not None:
-            running = running.filter([rid for rid in running.request_ids if rid != cancelled_at[step]])
-        if running is None:
-            continue
-        generations, running = model.generate_token(running)
-        for g in generations:
-            produced[g.request_id].extend(g.tokens.ids)
-    assert running is None
+    driver = Driver(model)
+    waves = {0: [0, 1, 2], 2: [3, 4], 5: [5, 6, 7]}
+    cancel_step, cancelled = 7, 2
+    for step in range(60):
+        for i in waves.get(step, []):
+            driver.add(i, new_request(prompts[i], budgets[i], parameters=params[i]), chunks[i])
+        driver.step(released=(cancelled,) if step == cancel_step else ())
+        if not driver.pending and step > max(waves):
+            break
+    assert not driver.pending and not model.requests
     for i, tokens in enumerate(expected):
-        if i == cancelled_at[7]:
-            assert produced[i] == tokens[: len(produced[i])] and len(produced[i]) < len(tokens)
+        got = driver.tokens[i]
+        if i == cancelled:
+            assert got == tokens[: len(got)] and len(got) < len(tokens)
         else:
-            assert produced[i] == tokens, f"request {i}"
+            assert got == tokens, f"request {i}"
+
+
+def test_a_recomputed_request_continues_where_it_was(model):
+    """After a preemption the router sends the prompt + the tokens generated so far (prompt_length unchanged):
+    greedy and seeded sampled requests continue with exactly the tokens they would have produced."""
+    prompt = random_prompts(1, seed=3)[0]
+    for params in (SamplingParameters(), SamplingParameters(do_sample=True, temperature=1.3, seed=11, repetition_penalty=1.3)):
+        full = alone(model, prompt, 12, parameters=params).token_ids
+        resumed = generate(
+            model,
+            [NewRequest(token_ids=tuple(prompt + full[:5]), prompt_length=len(prompt), parameters=params,
+                        stopping=new_request(prompt, 12).stopping)],
+            chunk_size=4,
+        )[0]
+        assert resumed.token_ids == full[5:]
+
+
+def test_a_cached_prefix_is_not_computed_again(model):
+    """A request whose first blocks already hold its prefix (a prefix-cache hit) computes only the rest, with
+    the same tokens as a request that computes everything."""
+    prefix = random_prompts(1, seed=40, low=40, high=41)[0]  # 40 tokens: two full blocks and a part
+    prompt = prefix + [7, 8, 9]
+    expected = alone(model, prompt, 6).token_ids
+    driver = Driver(model)
+    driver.add(0, new_request(prefix, 1), chunk=1000)
+    first_owner_blocks = driver.pending[0]["blocks"]
+    driver.step()  # computes the prefix into request 0's blocks; it then finishes, the blocks keep their contents
+    assert not model.requests
+    blocks = first_owner_blocks[:2] + (driver.free.pop(), driver.free.pop())
+    cached = 2 * BLOCK_SIZE
+    new = NewRequest(token_ids=tuple(prompt), prompt_length=len(prompt), num_cached_tokens=cached,
+                     stopping=new_request(prompt, 6).stopping)
+    tokens = [model.step(Step(requests=(ScheduledRequest(1, len(prompt) - cached, blocks, new),)))[0].token_id]
+    while model.requests:
+        tokens += [g.token_id for g in model.step(Step(requests=(ScheduledRequest(1, 1),)))]
+    assert tokens == expected
 
 
 def test_seeded_sampling_is_reproducible(model):
     prompt = random_prompts(1, seed=5)[0]
     sampled = SamplingParameters(do_sample=True, temperature=1.5, seed=1234)
-    first = tokens_of(alone(model, prompt, max_new_tokens=16, parameters=sampled))
-    second = tokens_of(alone(model, prompt, max_new_tokens=16, parameters=sampled))
-    other_seed = tokens_of(alone(model, prompt, max_new_tokens=16, parameters=SamplingParameters(do_sample=True, temperature=1.5, seed=99)))
-    greedy = tokens_of(alone(model, prompt, max_new_tokens=16))
+    first = alone(model, prompt, 16, parameters=sampled).token_ids
+    second = alone(model, prompt, 16, parameters=sampled).token_ids
+    other_seed = alone(model, prompt, 16, parameters=SamplingParameters(do_sample=True, temperature=1.5, seed=99)).token_ids
+    greedy = alone(model, prompt, 16).token_ids
     assert first == second
     assert first != other_seed
     assert first != greedy
-    top_k_one = tokens_of(alone(model, prompt, max_new_tokens=16, parameters=SamplingParameters(do_sample=True, top_k=1, seed=5)))
-    assert top_k_one == greedy
+    assert alone(model, prompt, 16, parameters=SamplingParameters(do_sample=True, top_k=1, seed=5)).token_ids == greedy
 
 
 def test_logprobs_top_n_and_prefill_tokens(model):
     prompt = random_prompts(1, seed=8)[0]
-    generations = alone(model, prompt, max_new_tokens=4, top_n_tokens=3, prefill_logprobs=True)
-    first = generations[0]
-    assert first.prefill_tokens.ids == prompt
-    assert math.isnan(first.prefill_tokens.logprobs[0])
-    assert all(lp <= 0 for lp in first.prefill_tokens.logprobs[1:])
-    for g in generations:
-        assert g.prefill_tokens is None or g is first
+    runner = LocalRunner(model, chunk_size=4)
+    runner.add(new_request(prompt, 4, top_n_tokens=3, prefill_logprobs=True))
+    steps = []
+    while runner.running:
+        steps.append(runner.step())
+    result = runner.results[0]
+    assert result.prefill.ids == prompt
+    assert math.isnan(result.prefill.logprobs[0])
+    assert all(lp <= 0 for lp in result.prefill.logprobs[1:])
+    # the prompt's chunks came over several steps, each with its own prompt tokens and no token until the last
+    prefill_steps = [g for gens in steps for g in gens if g.prefill is not None]
+    assert len(prefill_steps) == math.ceil(len(prompt) / 4) and all(g.token_id is None for g in prefill_steps[:-1])
+    for token, logprob, top in zip(result.token_ids, result.logprobs, result.top_tokens):
         # greedy: the chosen token is the best alternative, with the same logprob
-        assert g.top_tokens.ids[0] == g.tokens.ids[0]
-        assert g.top_tokens.logprobs[0] == pytest.approx(g.tokens.logprobs[0])
-        assert len(g.top_tokens.ids) == 3 and g.top_tokens.logprobs == sorted(g.top_tokens.logprobs, reverse=True)
-
-    # the prompt logprobs are those of a plain forward
-    allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
-    batch = FlashCausalLMBatch.from_requests(0, [make_request(allocator, 0, prompt)], model)
-    logprobs = torch.log_softmax(model.forward(batch, every_position=True), -1)
-    expected = [logprobs[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
-    assert first.prefill_tokens.logprobs[1:] == pytest.approx(expected, abs=1e-5)
+        assert top.ids[0] == token and top.logprobs[0] == pytest.approx(logprob)
+        assert len(top.ids) == 3 and top.logprobs == sorted(top.logprobs, reverse=True)
+    # the prompt logprobs are those of a whole-prompt forward
+    whole = alone(model, prompt, 1, prefill_logprobs=True)
+    assert result.prefill.logprobs[1:] == pytest.approx(whole.prefill.logprobs[1:], abs=1e-5)
 
 
 def test_stops_on_every_eos_id_and_reports_why(model):
     prompt = random_prompts(1, seed=11)[0]
-    free_run = tokens_of(alone(model, prompt, max_new_tokens=10))
+    free_run = alone(model, prompt, 10).token_ids
     eos_like = free_run[4]
     # the model's own generation_config lists [2, <|im_end|>]; make the 5th greedy token one of them
     assert model.tokenizer.token_to_id("<|im_end|>") in model.eos_token_ids and 2 in model.eos_token_ids
     original = model.eos_token_ids
     model.eos_token_ids = frozenset({eos_like})
     try:
-        generations = alone(model, prompt, max_new_tokens=10, ignore_eos=False)
-        ignored = alone(model, prompt, max_new_tokens=10, ignore_eos=True)
+        stopped = alone(model, prompt, 10, ignore_eos=False)
+        ignored = alone(model, prompt, 10, ignore_eos=True)
     finally:
         model.eos_token_ids = original
-    assert tokens_of(generations) == free_run[: free_run.index(eos_like) + 1]
-    assert generations[-1].generated_text.finish_reason == FinishReason.EOS_TOKEN
-    assert ignored[-1].generated_text.finish_reason == FinishReason.LENGTH
-    assert ignored[-1].generated_text.generated_tokens == 10
+    assert stopped.token_ids == free_run[: free_run.index(eos_like) + 1]
+    assert stopped.finish_reason == FinishReason.EOS_TOKEN
+    assert ignored.finish_reason == FinishReason.LENGTH and len(ignored.token_ids) == 10
+    # a request's own stop_token_ids end it the same way (the chat route's <|im_end|> for other models)
+    own = alone(model, prompt, 10, ignore_eos=False, stopping={"stop_token_ids": (free_run[2],)})
+    assert own.token_ids == free_run[: free_run.index(free_run[2]) + 1] and own.finish_reason == FinishReason.EOS_TOKEN
+    # the last allowed token reports LENGTH even when it is an EOS id
+    last = alone(model, prompt, 3, ignore_eos=False, stopping={"stop_token_ids": (free_run[2],)})
+    assert last.finish_reason == FinishReason.LENGTH
 
 
-def test_stop_sequence_on_decoded_text(model):
-    prompt = random_prompts(1, seed=12)[0]
-    free_run = alone(model, prompt, max_new_tokens=12)
-    text = "".join(g.tokens.texts[0] for g in free_run)
-    stop = text[len(text) // 2 : len(text) // 2 + 3]
-    assert stop.strip(), "need a printable stop sequence"
-    generations = alone(model, prompt, max_new_tokens=12, stopping={"stop_sequences": (stop,)})
-    streamed = "".join(g.tokens.texts[0] for g in generations)
-    assert generations[-1].generated_text.finish_reason == FinishReason.STOP_SEQUENCE
-    last_text = generations[-1].tokens.texts[0]
-    assert stop in streamed and stop not in streamed[: len(streamed) - len(last_text)]
-    assert streamed == text[: len(streamed)] and len(generations) < len(free_run)
-
-
-def test_generated_text_and_seed(model):
-    prompt = random_prompts(1, seed=13)[0]
-    generations = alone(model, prompt, max_new_tokens=6)
-    done = generations[-1].generated_text
-    assert done.generated_tokens == 6 and done.finish_reason == FinishReason.LENGTH and done.seed is None
-    assert done.text == model.tokenizer.decode(tokens_of(generations), skip_special_tokens=True)
-    assert all(g.generated_text is None for g in generations[:-1])
-    sampled = alone(model, prompt, max_new_tokens=2, parameters=SamplingParameters(do_sample=True, seed=42))
-    assert sampled[-1].generated_text.seed == 42
-
-
-def test_bad_requests_are_refused_with_the_value(model):
-    allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE)
-    good = make_request(allocator, 1, [5, 6, 7], max_new_tokens=4)
-    with pytest.raises(ValueError, match="token id 1000"):
-        FlashCausalLMBatch.from_requests(0, [make_request(allocator, 2, [5, 1000])], model)
-    with pytest.raises(ValueError, match="cannot hold its 20 prompt tokens"):
-        long = make_request(allocator, 4, list(range(3, 23)), max_new_tokens=1)
-        FlashCausalLMBatch.from_requests(0, [long.__class__(**{**long.__dict__, "blocks": long.blocks[:1]})], model)
-    with pytest.raises(ValueError, match="block 99999"):
-        FlashCausalLMBatch.from_requests(0, [good.__class__(**{**good.__dict__, "blocks": (99999,)})], model)
-    with pytest.raises(ValueError, match="not in its block table"):
-        shifted = tuple(s + 1 for s in good.slots)
-        FlashCausalLMBatch.from_requests(0, [good.__class__(**{**good.__dict__, "slots": shifted})], model)
-    with pytest.raises(ValueError, match="empty"):
-        FlashCausalLMBatch.from_requests(0, [good.__class__(**{**good.__dict__, "input_ids": ()})], model)
-    with pytest.raises(ValueError, match="unique"):
-        FlashCausalLMBatch.from_requests(0, [good, good], model)
-    batch = FlashCausalLMBatch.from_requests(0, [good], model)
-    with pytest.raises(ValueError, match="no request 77"):
-        batch.filter([77])
-    with pytest.raises(ValueError, match="prefilled"):
-        FlashCausalLMBatch.concatenate([batch, FlashCausalLMBatch.from_requests(1, [make_request(allocator, 3, [4])], model)])
+def test_bad_plans_are_refused_with_the_value_and_change_nothing(model):
+    driver = Driver(model)
+    driver.add(0, new_request([5, 6, 7], 4), chunk=1000)
+    driver.step()
+    held = {rid: (list(s.token_ids), s.num_computed, list(s.block_table)) for rid, s in model.requests.items()}
+    good = new_request([5, 6, 7], 4)
+    bad_steps = {
+        "token id 1000 is outside": Step(requests=(ScheduledRequest(9, 2, (1,), new_request([5, 1000], 4)),)),
+        "is not held": Step(requests=(ScheduledRequest(9, 1),)),
+        "already holds it": Step(requests=(ScheduledRequest(0, 1, (3,), good),)),
+        "num_tokens 4 is not in": Step(requests=(ScheduledRequest(9, 4, (1,), good),)),
+        "num_tokens 0 is not in": Step(requests=(ScheduledRequest(0, 0),)),
+        "block 99999 is outside": Step(requests=(ScheduledRequest(9, 3, (99999,), good),)),
+        "its blocks hold 0 positions": Step(requests=(ScheduledRequest(9, 3, (), good),)),
+        "cannot release request 9": Step(released=(9,)),
+        "released twice": Step(released=(0, 0)),
+        "scheduled twice": Step(requests=(ScheduledRequest(0, 1), ScheduledRequest(0, 1))),
+        "token_ids is empty": Step(requests=(ScheduledRequest(9, 1, (1,), NewRequest(token_ids=(), prompt_length=0)),)),
+        "temperature must be": Step(
+            requests=(ScheduledRequest(9, 3, (1,), new_request([5, 6, 7], 4, parameters=SamplingParameters(temperature=0))),)
+        ),
+        "must leave at least one": Step(
+            requests=(ScheduledRequest(9, 1, (1,), NewRequest(token_ids=(5, 6), prompt_length=2, num_cached_tokens=2)),)
+        ),
+    }
+    for message, step in bad_steps.items():
+        with pytest.raises(ValueError, match=message):
+            model.step(step)
+        assert {rid: (list(s.token_ids), s.num_computed, list(s.block_table)) for rid, s in model.requests.items()} == held
+    while driver.pending:
+        driver.step()
+    assert driver.tokens[0] == alone(model, [5, 6, 7], 4).token_ids
 
 
 def test_kv_cache_is_sized_by_kv_heads():
     """internlm2-chat-20b: 48 layers, 48 heads but 8 KV heads of 128 -> 6× less cache than with 48 KV heads."""
-    gqa = KVCache.bytes_per_token(48, 8, 128, torch.bfloat16)
-    mha = KVCache.bytes_per_token(48, 48, 128, torch.bfloat16)
+    ops = ReferenceOps()
+    gqa = ops.kv_bytes_per_token(48, 8, 128, torch.bfloat16)
+    mha = ops.kv_bytes_per_token(48, 48, 128, torch.bfloat16)
     assert gqa == 2 * 48 * 8 * 128 * 2 == 196608
     assert mha == 6 * gqa
 
@@ -215,17 +247,14 @@ def test_engine_cache_uses_config_kv_heads(model):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_dtypes_follow_float32(model, dtype, tmp_path_factory):
-    path = model.model_dir
-    half = get_model(path, dtype=dtype, device="cpu")
+def test_half_precision_dtypes_follow_float32(model, dtype):
+    half = get_model(model.model_dir, dtype=dtype, device="cpu")
     half.allocate_kv_cache(64, BLOCK_SIZE)
     assert half.model.output.dtype == getattr(torch, dtype)
     prompt = random_prompts(1, seed=21)[0]
-    allocator = BlockAllocator(64, BLOCK_SIZE)
-    logits = half.forward(FlashCausalLMBatch.from_requests(0, [make_request(allocator, 0, prompt)], half))
-    reference = model.forward(FlashCausalLMBatch.from_requests(0, [make_request(BlockAllocator(64, BLOCK_SIZE), 0, prompt)], model))
-    assert logits.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(logits, reference).item() > 0.99
+    ours = alone(half, prompt, 1, prefill_logprobs=True).prefill.logprobs[1:]
+    reference = alone(model, prompt, 1, prefill_logprobs=True).prefill.logprobs[1:]
+    assert torch.nn.functional.cosine_similarity(torch.tensor(ours), torch.tensor(reference), dim=0).item() > 0.99
 
 
 # ----- loading errors and dispatch ---------------------------------------------------------------------
@@ -308,67 +337,66 @@ def test_bin_checkpoint_is_converted_once_with_index(tmp_path_factory):
     assert (path / "model-00001-of-00002.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_block_tables_grow_during_decode(model):
-    """Blocks given for the prompt only, appended one at a time when a request fills them: same tokens."""
+def test_block_tables_grow_across_steps(model):
+    """Blocks given for the prompt only, then appended one at a time (`new_blocks`) as a request fills them."""
     prompts = [random_prompts(1, seed=30)[0][:14], random_prompts(1, seed=31)[0][:5]]
-    expected = [tokens_of(alone(model, p, max_new_tokens=20)) for p in prompts]
-
+    expected = [alone(model, p, 20).token_ids for p in prompts]
     free = list(range(NUM_BLOCKS - 1, -1, -1))
-    requests = [
-        make_request(BlockAllocator(NUM_BLOCKS, BLOCK_SIZE), i, p, max_new_tokens=20) for i, p in enumerate(prompts)
-    ]
-    tables = [[free.pop() for _ in range(-(-len(p) // BLOCK_SIZE))] for p in prompts]
-    requests = [r.__class__(**{**r.__dict__, "blocks": tuple(t), "slots": ()}) for r, t in zip(requests, tables)]
-    batch = FlashCausalLMBatch.from_requests(0, requests, model)
-    produced = {0: [], 1: []}
+    tables = {i: [free.pop() for _ in range(-(-len(p) // BLOCK_SIZE))] for i, p in enumerate(prompts)}
+    computed = {i: 0 for i in tables}
+    produced = {i: [] for i in tables}
     grown = 0
-    while batch is not None:
-        # the next forward writes position len(ids) - 1 of each request: give it a block when it has none
-        extensions = {}
-        for rid, ids, table in zip(batch.request_ids, batch.all_input_ids, batch.block_tables):
-            if not batch.is_prefill and len(ids) - 1 >= len(table) * BLOCK_SIZE:
-                extensions[rid] = [free.pop()]
-        grown += len(extensions)
-        model.extend_block_tables(batch, extensions)
-        generations, batch = model.generate_token(batch)
-        for g in generations:
-            produced[g.request_id].extend(g.tokens.ids)
+    first = True
+    while model.requests or first:
+        scheduled = []
+        for i, prompt in enumerate(prompts):
+            if not first and i not in model.requests:
+                continue
+            n = len(prompt) if first else 1
+            new_blocks = tuple(tables[i]) if first else ()
+            if not first and computed[i] >= len(tables[i]) * BLOCK_SIZE:  # this step writes past its blocks
+                tables[i].append(free.pop())
+                new_blocks, grown = (tables[i][-1],), grown + 1
+            scheduled.append(ScheduledRequest(i, n, new_blocks, new_request(prompt, 20) if first else None))
+            computed[i] += n
+        for g in model.step(Step(requests=tuple(scheduled))):
+            produced[g.request_id].append(g.token_id)
+        first = False
     assert grown >= 2
     assert [produced[0], produced[1]] == expected
 
 
-def test_decode_without_a_block_for_the_next_position_is_refused(model):
+def test_a_step_writing_past_the_blocks_is_refused(model):
     prompt = list(range(3, 3 + BLOCK_SIZE))  # fills its only block exactly
-    request = make_request(BlockAllocator(NUM_BLOCKS, BLOCK_SIZE), 0, prompt, max_new_tokens=4)
-    request = request.__class__(**{**request.__dict__, "blocks": request.blocks[:1], "slots": ()})
-    _, batch = model.generate_token(FlashCausalLMBatch.from_requests(0, [request], model))
-    with pytest.raises(ValueError, match=f"request 0 has no KV block for position {BLOCK_SIZE}"):
-        model.generate_token(batch)
-    with pytest.raises(ValueError, match=f"request 0 has no KV block for position {BLOCK_SIZE}"):
-        model.extend_block_tables(batch, {})
-    with pytest.raises(ValueError, match="no request 5 to extend"):
-        model.extend_block_tables(batch, {5: [1]})
+    model.step(Step(requests=(ScheduledRequest(0, BLOCK_SIZE, (5,), new_request(prompt, 4)),)))
+    with pytest.raises(ValueError, match=f"request 0: its blocks hold {BLOCK_SIZE} positions but this step writes up to position {BLOCK_SIZE}"):
+        model.step(Step(requests=(ScheduledRequest(0, 1),)))
     with pytest.raises(ValueError, match="block 100000 is outside"):
-        model.extend_block_tables(batch, {0: [100000]})
-    model.extend_block_tables(batch, {0: [7]})
-    generations, _ = model.generate_token(batch)
+        model.step(Step(requests=(ScheduledRequest(0, 1, (100000,)),)))
+    generations = model.step(Step(requests=(ScheduledRequest(0, 1, (7,)),)))
     assert len(generations) == 1
+    model.step(Step(released=(0,)))
+    assert not model.requests
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_decode_attention_follows_float32(dtype):
-    """Half-precision decode attention takes its own path (batched matmuls); it must agree with float32's."""
-    from text_generation_server.layers.attention import _decode_attention
+@pytest.mark.parametrize("tile_bytes", [64 << 20, 2048])  # one tile, and contexts split over many tiles
+def test_half_precision_decode_attention_follows_float32(dtype, tile_bytes, monkeypatch):
+    """Half-precision decode attention takes its own path (batched matmuls); it must agree with float32's, both
+    when every context fits one tile and when the online softmax merges many."""
+    from text_generation_server.ops import reference
 
+    monkeypatch.setattr(reference, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(reference, "MIN_TILE_TOKENS", BLOCK_SIZE)
     generator = torch.Generator().manual_seed(0)
     key_cache = torch.randn(64, BLOCK_SIZE, 2, 32, generator=generator)
     value_cache = torch.randn(64, BLOCK_SIZE, 2, 32, generator=generator)
     query = torch.randn(3, 6, 32, generator=generator)
     block_tables = torch.tensor([[5, 9, 0], [1, 2, 3], [7, 0, 0]])
-    context_lengths = torch.tensor([20, 48, 3])
-    reference = _decode_attention(query, key_cache, value_cache, block_tables, context_lengths, 32**-0.5)
-    half = _decode_attention(
-        query.to(dtype), key_cache.to(dtype), value_cache.to(dtype), block_tables, context_lengths, 32**-0.5
+    lengths = [20, 48, 3]
+    expected = reference._single_token_attention(query, key_cache, value_cache, block_tables, lengths, 32**-0.5)
+    half = reference._single_token_attention(
+        query.to(dtype), key_cache.to(dtype), value_cache.to(dtype), block_tables, lengths, 32**-0.5
     )
     assert half.dtype == dtype
-    torch.testing.assert_close(half.float(), reference, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=3e-2)

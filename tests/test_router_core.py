@@ -1,6 +1,6 @@
 """The router core against a real shard process: ShardedClient + Scheduler + Infer, in this process.
 
-Greedy tokens are compared with the in-process engine running each request alone.
+Greedy tokens are compared with the in-process engine running each request alone, with whole prompts.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BlockAllocator as EngineBlocks
-from helpers import make_request
+from helpers import greedy_tokens
 from router_stack import SERVER_CLI
 from text_generation_server.models import get_model
-from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
 
 from text_generation_router import metrics
-from text_generation_router.allocator import BlockAllocator
+from text_generation_router.block_manager import BlockManager
 from text_generation_router.client import ShardedClient
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
-from text_generation_router.types import GenerationRequest, SamplingParams, StreamEnd
+from text_generation_router.types import GenerationRequest, SamplingParams
 from text_generation_server.utils.tokenizer import Tokenizer
 
 WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
@@ -65,17 +63,8 @@ def tokenizer(tiny_internlm2_dir):
     return Tokenizer.from_pretrained(tiny_internlm2_dir, vocab_size=1000)
 
 
-def engine_tokens(engine, prompt, max_new_tokens) -> tuple[list[int], str]:
-    blocks = EngineBlocks(256, 16)
-    request = make_request(blocks, 0, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
-    batch = FlashCausalLMBatch.from_requests(0, [request], engine)
-    ids, text = [], None
-    while batch is not None:
-        generations, batch = engine.generate_token(batch)
-        ids.append(generations[0].tokens.ids[0])
-        if generations[0].generated_text is not None:
-            text = generations[0].generated_text.text
-    return ids, text
+def engine_tokens(engine, prompt, max_new_tokens) -> list[int]:
+    return greedy_tokens(engine, [prompt], max_new_tokens)[0]
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -98,13 +87,14 @@ async def open_core(socket: Path, tokenizer, max_blocks: int | None = None, **co
     await client.clear_cache()
     warm = await client.warmup(**WARMUP)
     num_blocks = warm.num_blocks if max_blocks is None else min(max_blocks, warm.num_blocks)
-    scheduler = Scheduler(client, BlockAllocator(num_blocks, warm.block_size), SchedulerConfig(**config), tokenizer)
-    scheduler.start()
-    return client, scheduler, Infer(scheduler, 128)
+    scheduler = Scheduler(BlockManager(num_blocks, warm.block_size), tokenizer, SchedulerConfig(**config))
+    infer = Infer(scheduler, client, 128)
+    infer.start()
+    return client, scheduler, infer
 
 
-async def close_core(client, scheduler):
-    await scheduler.stop()
+async def close_core(client, infer):
+    await infer.stop()
     await client.close()
 
 
@@ -119,18 +109,17 @@ def test_greedy_tokens_equal_the_engine(shard_socket, engine, tokenizer):
         client, scheduler, infer = await open_core(shard_socket, tokenizer)
         info = await client.info()
         results = await asyncio.gather(*(infer.generate(greedy(p, n)) for p, n in cases))
-        await close_core(client, scheduler)
+        await close_core(client, infer)
         return info, results, scheduler
 
     info, results, scheduler = run(main())
-    assert info.architecture == "InternLM2ForCausalLM"
+    assert info.architecture == "InternLM2ForCausalLM" and info.kernels == "reference"
     for (prompt, n), (tokens, end) in zip(cases, results):
-        want_ids, want_text = engine_tokens(engine, prompt, n)
-        assert [t.token.id for t in tokens] == want_ids
+        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)
         assert end.generated_tokens == n and end.finish_reason == "length" and end.input_length == len(prompt)
-        assert end.generated_text == want_text
+        assert end.generated_text == "".join(t.token.text for t in tokens)
         assert end.queue_s >= 0 and end.inference_s > 0
-    assert scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
+    assert scheduler.blocks.used_blocks == 0
 
 
 def test_64_concurrent_streams_complete(shard_socket, tokenizer):
@@ -142,16 +131,14 @@ def test_64_concurrent_streams_complete(shard_socket, tokenizer):
         async def consume(request):
             count, end = 0, None
             async for item in infer.stream(request):
-                if isinstance(item, StreamEnd):
-                    end = item
-                else:
-                    count += 1
+                count += 1
+                end = item.end
             return count, end
 
         results = await asyncio.gather(*(consume(greedy(p, n)) for p, n in cases))
         stats = dict(scheduler.stats)
-        free = scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
-        await close_core(client, scheduler)
+        free = scheduler.blocks.used_blocks == 0
+        await close_core(client, infer)
         return results, stats, free
 
     results, stats, free = run(main())
@@ -174,21 +161,21 @@ def test_closed_stream_frees_blocks_and_does_not_stall_others(shard_socket, toke
             if seen == 3:
                 break
         await stream.aclose()
-        entry_id = stream._entry.id
-        decodes = scheduler.stats["decode"]
-        while scheduler.stats["decode"] < decodes + 2:
+        seq = stream._seq
+        steps = scheduler.stats["steps"]
+        while scheduler.stats["steps"] < steps + 2:
             await asyncio.sleep(0.001)
-        still_running = entry_id in scheduler._running
+        still_running = seq in scheduler._running
         results = await asyncio.gather(*tasks)
-        state = (scheduler.allocator.free_blocks, scheduler.allocator.num_blocks, scheduler.running_size)
-        await close_core(client, scheduler)
+        state = (scheduler.blocks.used_blocks, scheduler.running_size)
+        await close_core(client, infer)
         return still_running, results, state, infer.active
 
-    still_running, results, (free, total, running), active = run(main())
+    still_running, results, (used, running), active = run(main())
     assert not still_running, "the closed stream's request left the batch within one step"
     for (prompt, n), (tokens, end) in zip(others, results):
-        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)[0]
-    assert free == total and running == 0 and active == 0
+        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)
+    assert used == 0 and running == 0 and active == 0
 
 
 def test_preemption_with_a_tiny_kv_budget_keeps_greedy_results(shard_socket, tokenizer, engine):
@@ -201,18 +188,40 @@ def test_preemption_with_a_tiny_kv_budget_keeps_greedy_results(shard_socket, tok
         results = await asyncio.gather(*(infer.generate(greedy(p, n)) for p, n in cases))
         preempted = metrics.request_preempted._value.get() - before
         stats = dict(scheduler.stats)
-        free = scheduler.allocator.free_blocks == scheduler.allocator.num_blocks
-        await close_core(client, scheduler)
+        free = scheduler.blocks.used_blocks == 0
+        await close_core(client, infer)
         return results, preempted, stats, free
 
     results, preempted, stats, free = run(main())
     assert preempted >= 1 and stats["preempted"] == preempted
     for (prompt, n), (tokens, end) in zip(cases, results):
-        want_ids, want_text = engine_tokens(engine, prompt, n)
-        assert [t.token.id for t in tokens] == want_ids
+        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)
         assert end.generated_tokens == n
-        assert end.generated_text == want_text
+        assert end.generated_text == "".join(t.token.text for t in tokens)
     assert free
+
+
+def test_chunked_prefill_and_prefix_hits_keep_greedy_results(shard_socket, tokenizer, engine):
+    """A step budget of 8 tokens (every prompt is chunked) and prompts sharing a 40-token prefix: the hits are
+    real (cached tokens are not computed again) and every request gets the engine's tokens."""
+    system = (prompts(1, seed=9)[0] * 40)[:40]
+    cases = [(system + p[:5], 6) for p in prompts(6, seed=5)] + [(p, 5) for p in prompts(3, seed=6)]
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer, max_batch_tokens=8)
+        first = await infer.generate(greedy(*cases[0]))
+        before = metrics.prefix_cache_hits._value.get()
+        rest = await asyncio.gather(*(infer.generate(greedy(p, n)) for p, n in cases[1:]))
+        hits = metrics.prefix_cache_hits._value.get() - before
+        used = scheduler.blocks.used_blocks
+        await close_core(client, infer)
+        return [first, *rest], hits, used
+
+    results, hits, used = run(main())
+    assert hits >= 5 * 32  # the other five requests each found two full blocks of 16 cached
+    for (prompt, n), (tokens, end) in zip(cases, results):
+        assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, n)
+    assert used == 0
 
 
 def test_stack_end_to_end_and_graceful_sigterm(tiny_internlm2_dir, tmp_path):

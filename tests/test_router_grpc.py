@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from text_generation_router.text import TextStream
 from text_generation_router.types import (
     GenerationError,
     OverloadedError,
@@ -48,9 +49,13 @@ def fake_ids(input_ids, count: int) -> list[int]:
 
 @dataclass
 class FakeInfer:
-    """Generates fake_ids(prompt) (the tokenizer's ordinary ids), honouring max_new_tokens and stop sequences."""
+    """Generates fake_ids(prompt) (the tokenizer's ordinary ids) with the router's text rule (`TextStream`),
+    and ends as the shard and scheduler do: max_new_tokens (length) first, then an EOS or stop token id
+    (eos_token, unless ignore_eos_token), then a stop sequence in the text. The last StreamToken carries the
+    StreamEnd."""
 
     tokenizer: Tokenizer
+    eos_ids: tuple[int, ...] = (2,)
     delay: float = 0.0  # seconds per token
     max_concurrent: int = 8
     fail_at: int | None = None  # raise GenerationError at this token index
@@ -60,26 +65,46 @@ class FakeInfer:
 
     def stream(self, request):
         if self.active >= self.max_concurrent:
-            raise OverloadedError()
+            raise OverloadedError()  # before any iteration, as Infer.stream
         self.active += 1
         self.requests.append(request)
         return FakeStream(self, self._run(request))
 
     async def _run(self, request):
-        ids: list[int] = []
-        prefix = read = 0
+        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)
+        sampled = request.parameters.do_sample
         for i, token_id in enumerate(fake_ids(request.input_ids, request.max_new_tokens)):
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.fail_at == i:
                 raise GenerationError("the shard failed")
-            ids.append(token_id)
-            text, prefix, read = self.tokenizer.decode_incremental(ids, prefix, read)
+            piece = text.push(token_id)
+            if i + 1 >= request.max_new_tokens:
+                reason = "length"
+            elif not request.ignore_eos_token and (
+                token_id in self.eos_ids or token_id in request.stop_token_ids
+            ):
+                reason = "eos_token"
+            elif text.stopped:
+                reason = "stop_sequence"
+            else:
+                reason = None
+            end = None
+            if reason is not None:
+                piece += text.flush()
+                end = StreamEnd(
+                    generated_text=text.text,
+                    finish_reason=reason,
+                    generated_tokens=i + 1,
+                    seed=request.parameters.seed if sampled else None,
+                    input_length=len(request.input_ids),
+                )
             top = ()
             if request.top_n_tokens:  # the chosen token ranks second
                 others = [Token(id=5 + j, text="x", logprob=-0.5 - j) for j in range(request.top_n_tokens)]
+                alone = self.tokenizer.decode([token_id])
                 top = tuple(
-                    sorted([*others[:1], Token(token_id, text, -1.0), *others[1:]], key=lambda t: -t.logprob)
+                    sorted([*others[:1], Token(token_id, alone, -1.0), *others[1:]], key=lambda t: -t.logprob)
                 )
                 top = top[: request.top_n_tokens]
             prefill = None
@@ -88,23 +113,17 @@ class FakeInfer:
                     Token(id=t, text="", logprob=None if j == 0 else -2.0)
                     for j, t in enumerate(request.input_ids)
                 )
-            yield StreamToken(token=Token(token_id, text, -1.0), top_tokens=top, prefill=prefill)
-            generated = self.tokenizer.decode(ids, skip_special_tokens=True)
-            stopped = any(s in generated for s in request.stop_sequences)
-            if stopped or i + 1 == request.max_new_tokens:
-                yield StreamEnd(
-                    generated_text=generated,
-                    finish_reason="stop_sequence" if stopped else "length",
-                    generated_tokens=len(ids),
-                    seed=request.parameters.seed if request.parameters.do_sample else None,
-                    input_length=len(request.input_ids),
-                )
+            special = token_id in self.tokenizer.special_token_ids
+            yield StreamToken(
+                token=Token(token_id, piece, -1.0, special), top_tokens=top, prefill=prefill, end=end
+            )
+            if end is not None:
                 return
 
 
 class FakeStream:
-    """Like Infer's stream: ending (StreamEnd or an error) or closing it releases the slot; closing it early
-    counts as a cancellation."""
+    """Like Infer's stream: its last token (the one with `.end`), an error or closing it releases the slot;
+    closing it before the end counts as a cancellation."""
 
     def __init__(self, infer: FakeInfer, items):
         self.infer, self.items, self.done = infer, items, False
@@ -123,7 +142,8 @@ class FakeStream:
         except BaseException:
             self._finish(cancelled=False)
             raise
-        if isinstance(item, StreamEnd):
+        assert isinstance(item, StreamToken), item  # the contract: StreamTokens only
+        if item.end is not None:
             self._finish(cancelled=False)
         return item
 
@@ -200,8 +220,19 @@ def stub(api):
     return client
 
 
-def expected_text(tokenizer, prompt: str, count: int) -> str:
-    return tokenizer.decode(fake_ids(tokenizer.encode(prompt), count), skip_special_tokens=True)
+def generated_text(tokenizer, prompt_ids, ids, complete: bool = True) -> str:
+    """What `ids` add to the text after the prompt, by the router's rule, computed without TextStream: the
+    ordinary ids decoded after the prompt's last 5 tokens (for their leading spaces), special ids skipped.
+    complete=False: a request cut short (time limit) has not sent a trailing incomplete UTF-8 character."""
+    context = list(prompt_ids[-5:])
+    ordinary = [i for i in ids if i not in tokenizer.special_token_ids]
+    text = tokenizer.decode(context + ordinary)[len(tokenizer.decode(context)) :]
+    return text if complete else text.rstrip("\ufffd")
+
+
+def expected_text(tokenizer, prompt: str, count: int, complete: bool = True) -> str:
+    prompt_ids = tokenizer.encode(prompt)
+    return generated_text(tokenizer, prompt_ids, fake_ids(prompt_ids, count), complete)
 
 
 def params(**kwargs) -> pb.Parameters:
@@ -251,7 +282,7 @@ def test_generate_defaults_and_token_details(stub, api, tokenizer):
     # ranks come from the top tokens: the shard is asked for the most it may send
     assert request.prefill_logprobs and request.top_n_tokens == LIMITS.max_top_n_tokens
     ids = fake_ids(tokenizer.encode(PROMPTS[0]), 20)
-    assert response.text == PROMPTS[0] + tokenizer.decode(ids, skip_special_tokens=True)
+    assert response.text == PROMPTS[0] + expected_text(tokenizer, PROMPTS[0], 20)
     assert [t.text for t in response.tokens] == [tokenizer.id_to_token(i) for i in ids]
     assert all(t.logprob == -1.0 and t.rank == 2 and len(t.top_tokens) == 2 for t in response.tokens)
     assert response.tokens[0].top_tokens[1].text == response.tokens[0].text
@@ -468,7 +499,8 @@ def test_time_limit_and_cancellation(stub, api, tokenizer):
     assert time.monotonic() - start < 2.0
     for prompt, r in zip(PROMPTS, response.responses):
         assert r.stop_reason == pb.TIME_LIMIT and 0 < r.generated_token_count < 60
-        assert r.text == expected_text(tokenizer, prompt, r.generated_token_count)
+        # the text of a time limit is the received tokens' texts joined
+        assert r.text == expected_text(tokenizer, prompt, r.generated_token_count, complete=False)
     _wait_until(lambda: infer.active == 0)
 
     cancelled = infer.cancelled
@@ -517,24 +549,14 @@ def stack(tiny_internlm2_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_tokens(tiny_internlm2_dir, tokenizer):
     """Greedy ids of each E2E prompt from the engine in this process (stopping at EOS, as the stack does)."""
-    from helpers import BlockAllocator, make_request
+    from helpers import new_request
     from text_generation_server.models import get_model
-    from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
+    from text_generation_server.models.local import generate
 
     model = get_model(tiny_internlm2_dir, dtype="float32", device="cpu")
     model.allocate_kv_cache(64, 16)
-    allocator = BlockAllocator(64, 16)
-    requests = [
-        make_request(allocator, i, tokenizer.encode(p), max_new_tokens=E2E_NEW_TOKENS, ignore_eos=False)
-        for i, p in enumerate(E2E_PROMPTS)
-    ]
-    batch = FlashCausalLMBatch.from_requests(0, requests, model)
-    out: dict[int, list[int]] = {r.id: [] for r in requests}
-    while batch is not None:
-        generations, batch = model.generate_token(batch)
-        for g in generations:
-            out[g.request_id].extend(g.tokens.ids)
-    return [out[i] for i in range(len(E2E_PROMPTS))]
+    requests = [new_request(tokenizer.encode(p), E2E_NEW_TOKENS, ignore_eos=False) for p in E2E_PROMPTS]
+    return [list(r.token_ids) for r in generate(model, requests)]
 
 
 def test_e2e_greedy_generate_matches_the_engine(stack, engine_tokens, tokenizer):
@@ -552,7 +574,7 @@ def test_e2e_greedy_generate_matches_the_engine(stack, engine_tokens, tokenizer)
         )
         for prompt, ids, r in zip(E2E_PROMPTS, engine_tokens, response.responses):
             assert [t.text for t in r.tokens] == [tokenizer.id_to_token(i) for i in ids], stack.logs()
-            assert r.text == tokenizer.decode(ids, skip_special_tokens=True)
+            assert r.text == generated_text(tokenizer, tokenizer.encode(prompt), ids)
             assert r.generated_token_count == len(ids) and r.input_token_count == len(
                 tokenizer.encode(prompt)
             )
@@ -580,6 +602,7 @@ def test_e2e_generate_stream_streams_the_same_tokens(stack, engine_tokens, token
     ids = engine_tokens[0]
     assert messages[0].input_token_count == len(tokenizer.encode(E2E_PROMPTS[0])) and not messages[0].tokens
     assert [t.text for m in messages[1:] for t in m.tokens] == [tokenizer.id_to_token(i) for i in ids]
-    assert "".join(m.text for m in messages[1:]) == tokenizer.decode(ids, skip_special_tokens=True)
+    expected = generated_text(tokenizer, tokenizer.encode(E2E_PROMPTS[0]), ids)
+    assert "".join(m.text for m in messages[1:]) == expected
     assert messages[-1].generated_token_count == len(ids) and messages[-1].stop_reason != pb.NOT_FINISHED
     assert all(m.stop_reason == pb.NOT_FINISHED for m in messages[:-1])

@@ -20,6 +20,7 @@ from text_generation.errors import OverloadedError as ClientOverloaded
 from text_generation.errors import ValidationError as ClientValidationError
 from text_generation_router.chat import TemplateError, encode_chat, render_chat
 from text_generation_router.http import create_app
+from text_generation_router.text import TextStream
 from text_generation_router.types import (
     GenerationRequest,
     OverloadedError,
@@ -47,8 +48,11 @@ STOP_EARLY = "please stop early"  # prompts containing this end with <|im_end|> 
 
 
 class FakeInfer:
-    """Deterministic tokens from the prompt (and seed when sampling); honours stop sequences, EOS,
-    max_new_tokens and cancellation; refuses with OverloadedError above `max_concurrent`."""
+    """Deterministic tokens from the prompt (and seed when sampling), with the router's text rule
+    (`TextStream`: special tokens carry no text). Ends as the shard and scheduler do: max_new_tokens (length)
+    first, then an EOS id or one of `request.stop_token_ids` (eos_token, unless ignore_eos_token), then a stop
+    sequence in the text; the last StreamToken carries the StreamEnd. Honours cancellation; `stream()` refuses
+    with OverloadedError above `max_concurrent`, before any iteration."""
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: tuple[int, ...]):
         self.tokenizer = tokenizer
@@ -69,72 +73,121 @@ class FakeInfer:
             ids[2] = self.im_end
         return ids
 
-    async def stream(self, request: GenerationRequest):
+    def stream(self, request: GenerationRequest) -> FakeStream:
         if self.active >= self.max_concurrent:
             raise OverloadedError()
         self.active += 1
         self.requests.append(request)
-        finished = False
-        try:
-            all_ids = list(request.input_ids)
-            prefix, read = len(all_ids), len(all_ids)
-            generated: list[int] = []
-            text = ""
-            sampled = request.parameters.do_sample or request.parameters.temperature != 1.0
-            for i, token_id in enumerate(self.token_ids(request)):
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                else:
-                    await asyncio.sleep(0)
-                all_ids.append(token_id)
-                generated.append(token_id)
-                piece, prefix, read = self.tokenizer.decode_incremental(all_ids, prefix, read)
-                text += piece
-                logprob = -0.1 * (i + 1) - (request.parameters.seed % 13) * 0.01 * sampled
-                top = tuple(
-                    Token(id=token_id + k, text=self.tokenizer.decode([token_id + k]), logprob=logprob - k)
-                    for k in range(request.top_n_tokens)
-                )
-                prefill = None
-                if i == 0 and request.prefill_logprobs:
-                    prefill = tuple(
-                        Token(id=t, text=self.tokenizer.decode([t]), logprob=None if j == 0 else -1.0)
-                        for j, t in enumerate(request.input_ids)
-                    )
-                special = token_id in self.tokenizer.special_token_ids
-                yield StreamToken(Token(token_id, piece, logprob, special), top_tokens=top, prefill=prefill)
+        return FakeStream(self, self._run(request))
+
+    async def _run(self, request: GenerationRequest):
+        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)
+        sampled = request.parameters.do_sample or request.parameters.temperature != 1.0
+        for i, token_id in enumerate(self.token_ids(request)):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            else:
+                await asyncio.sleep(0)
+            piece = text.push(token_id)
+            generated = i + 1
+            if generated >= request.max_new_tokens:
+                reason = "length"
+            elif not request.ignore_eos_token and (
+                token_id in self.eos_ids or token_id in request.stop_token_ids
+            ):
+                reason = "eos_token"
+            elif text.stopped:
+                reason = "stop_sequence"
+            else:
                 reason = None
-                if token_id in self.eos_ids and not request.ignore_eos_token:
-                    reason = "eos_token"
-                elif any(s in text for s in request.stop_sequences):
-                    reason = "stop_sequence"
-                elif len(generated) == request.max_new_tokens:
-                    reason = "length"
-                if reason:
-                    finished = True
-                    self.completed += 1
-                    yield StreamEnd(
-                        generated_text=self.tokenizer.decode(generated, skip_special_tokens=True),
-                        finish_reason=reason,
-                        generated_tokens=len(generated),
-                        seed=request.parameters.seed if sampled else None,
-                        input_length=len(request.input_ids),
-                        queue_s=0.001,
-                        inference_s=0.002 * len(generated),
-                    )
-                    return
-        finally:
-            self.active -= 1
-            if not finished:
-                self.cancelled += 1
+            end = None
+            if reason is not None:
+                piece += text.flush()
+                end = StreamEnd(
+                    generated_text=text.text,
+                    finish_reason=reason,
+                    generated_tokens=generated,
+                    seed=request.parameters.seed if sampled else None,
+                    input_length=len(request.input_ids),
+                    queue_s=0.001,
+                    inference_s=0.002 * generated,
+                )
+            logprob = -0.1 * generated - (request.parameters.seed % 13) * 0.01 * sampled
+            top = tuple(
+                Token(id=token_id + k, text=self.tokenizer.decode([token_id + k]), logprob=logprob - k)
+                for k in range(request.top_n_tokens)
+            )
+            prefill = None
+            if i == 0 and request.prefill_logprobs:
+                prefill = tuple(
+                    Token(id=t, text=self.tokenizer.decode([t]), logprob=None if j == 0 else -1.0)
+                    for j, t in enumerate(request.input_ids)
+                )
+            special = token_id in self.tokenizer.special_token_ids
+            token = Token(token_id, piece, logprob, special)
+            yield StreamToken(token, top_tokens=top, prefill=prefill, end=end)
+            if end is not None:
+                return
 
     async def generate(self, request: GenerationRequest):
         tokens = []
-        async for item in self.stream(request):
-            if isinstance(item, StreamEnd):
-                return tokens, item
-            tokens.append(item)
+        stream = self.stream(request)
+        try:
+            async for item in stream:
+                tokens.append(item)
+                if item.end is not None:
+                    return tokens, item.end
+        finally:
+            await stream.aclose()
         raise AssertionError("no end")
+
+
+class FakeStream:
+    """Like Infer's stream: its last token (the one with `.end`), an error or closing it releases the slot;
+    closing it before the end counts as a cancellation."""
+
+    def __init__(self, infer: FakeInfer, items):
+        self.infer, self.items, self.done = infer, items, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamToken:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await self.items.__anext__()
+        except asyncio.CancelledError:
+            self._finish(cancelled=True)
+            raise
+        except BaseException:
+            self._finish(cancelled=False)
+            raise
+        assert isinstance(item, StreamToken), item  # the contract: StreamTokens only
+        if item.end is not None:
+            self._finish(cancelled=False)
+        return item
+
+    async def aclose(self) -> None:
+        self._finish(cancelled=True)
+        await self.items.aclose()
+
+    def _finish(self, cancelled: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.infer.active -= 1
+            if cancelled:
+                self.infer.cancelled += 1
+            else:
+                self.infer.completed += 1
+
+
+def in_context(tokenizer: Tokenizer, prompt_ids, ids) -> str:
+    """What `ids` add to the text after the prompt by the router's rule, computed without TextStream: the
+    ordinary ids decoded after the prompt's last 5 tokens (for their leading spaces), special ids skipped."""
+    context = list(prompt_ids[-5:])
+    ordinary = [i for i in ids if i not in tokenizer.special_token_ids]
+    return tokenizer.decode(context + ordinary)[len(tokenizer.decode(context)) :]
 
 
 def free_port() -> int:
@@ -146,7 +199,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_internlm2_dir: Path):
     tokenizer = Tokenizer.from_pretrained(tiny_internlm2_dir)
-    # the shard's EOS ids without <|im_end|>: the chat route must add it as a stop sequence itself
+    # the shard's EOS ids without <|im_end|>: the chat route must add its id to stop_token_ids itself
     shard = ShardInfo(
         model_id=str(tiny_internlm2_dir),
         architecture="InternLM2ForCausalLM",
@@ -224,7 +277,9 @@ def test_generate_shapes_and_headers(server, http):
     assert set(details["tokens"][0]) == {"id", "text", "logprob", "special"}
     assert "top_tokens" not in details and "best_of_sequences" not in details
     ids = [t["id"] for t in details["tokens"]]
-    assert body["generated_text"] == server.tokenizer.decode(ids, skip_special_tokens=True)
+    # the text is the tokens' texts joined: each decoded in the context of the prompt's last tokens
+    assert body["generated_text"] == "".join(t["text"] for t in details["tokens"])
+    assert body["generated_text"] == in_context(server.tokenizer, server.infer.requests[-1].input_ids, ids)
     assert r.headers["x-generated-tokens"] == "5"
     assert int(r.headers["x-prompt-tokens"]) == len(server.tokenizer.encode("Hello world"))
     for name in ("x-compute-type", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time"):
@@ -555,8 +610,9 @@ def test_chat_prompt_is_internlm2_format_with_one_bos(server, http):
     assert r.status_code == 200, r.text
     request = server.infer.requests[-1]
     assert list(request.input_ids) == ids
-    # the shard's EOS set lacks <|im_end|> here: the chat adds it as a stop sequence
-    assert "<|im_end|>" in request.stop_sequences
+    # the shard's EOS set lacks <|im_end|> here: the chat ends on its id (a stop token), not on its text
+    assert request.stop_token_ids == (tokenizer.token_to_id("<|im_end|>"),)
+    assert "<|im_end|>" not in request.stop_sequences
     # content parts are flattened
     parts = [
         {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]}
@@ -656,3 +712,131 @@ def test_openai_completions_and_models(server, http):
     assert r.status_code == 422 and r.json()["error_type"] == "batch size exceeded"
     r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "stream": True})
     assert sse_events(r)[-1] == "[DONE]"
+
+
+# ------------------------------------------------------------------------------------------- one text rule
+
+# the second prompt makes the fake emit <|im_end|> (a special token) third, in the middle of the generation
+AGREEMENT_PROMPTS = ["Hello world", f"Hi, {STOP_EARLY}!"]
+
+
+@pytest.mark.parametrize("prompt", AGREEMENT_PROMPTS)
+def test_generate_stream_and_generate_texts_agree(server, http, prompt):
+    """Streamed token texts joined == the final event's generated_text == /generate's generated_text."""
+    im_end = server.tokenizer.token_to_id("<|im_end|>")
+    parameters = {"max_new_tokens": 8, "details": True}
+    events = sse_events(http.post("/generate_stream", json={"inputs": prompt, "parameters": parameters}))
+    stream_request = server.infer.requests[-1]
+    done = http.post("/generate", json={"inputs": prompt, "parameters": parameters})
+    assert done.status_code == 200, done.text
+    done = done.json()
+    assert server.infer.requests[-1].input_ids == stream_request.input_ids  # the same greedy request
+    assert stream_request.stop_token_ids == ()  # only chats end on <|im_end|>
+
+    tokens = [e["token"] for e in events]
+    joined = "".join(t["text"] for t in tokens)
+    assert joined and joined == events[-1]["generated_text"] == done["generated_text"]
+    assert tokens == done["details"]["tokens"]  # the same ids, texts, logprobs and special flags
+    assert events[-1]["details"]["finish_reason"] == done["details"]["finish_reason"] == "length"
+    assert len(tokens) == done["details"]["generated_tokens"] == 8
+    assert joined == in_context(server.tokenizer, stream_request.input_ids, [t["id"] for t in tokens])
+
+    specials = [(i, t) for i, t in enumerate(tokens) if t["special"]]
+    if STOP_EARLY in prompt:
+        # mid-way, not the last token: it carries no text and does not end a non-chat request
+        assert [(i, t["id"], t["text"]) for i, t in specials] == [(2, im_end, "")]
+        assert "<|im_end|>" not in joined
+    else:
+        assert specials == []
+    assert all(t["text"] for t in tokens if not t["special"])  # ordinary tokens here all print something
+
+
+@pytest.mark.parametrize("prompt", AGREEMENT_PROMPTS)
+def test_completions_stream_and_not_agree(server, http, prompt):
+    """/v1/completions: the streamed texts joined == the non-streamed text == /generate's generated_text."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-")
+    done = client.completions.create(model="tgi", prompt=prompt, max_tokens=8)
+    done_request = server.infer.requests[-1]
+    chunks = list(client.completions.create(model="tgi", prompt=prompt, max_tokens=8, stream=True))
+    stream_request = server.infer.requests[-1]
+    generated = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 8}})
+    assert generated.status_code == 200, generated.text
+    assert done_request.input_ids == stream_request.input_ids == server.infer.requests[-1].input_ids
+    assert done_request.stop_token_ids == stream_request.stop_token_ids == ()
+
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed and streamed == done.choices[0].text == generated.json()["generated_text"]
+    assert len(chunks) == done.usage.completion_tokens == 8
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    assert "<|im_end|>" not in streamed
+
+
+@pytest.mark.parametrize("content", ["Hello! 你好", STOP_EARLY])
+def test_chat_stream_and_not_agree_and_end_on_the_turn_end_id(server, content):
+    """/v1/chat/completions: streamed delta.content joined == message.content == the logprobs' tokens joined;
+    every chat request carries <|im_end|>'s id in stop_token_ids and ends there with "stop"."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-")
+    im_end = server.tokenizer.token_to_id("<|im_end|>")
+    messages = [{"role": "user", "content": content}]
+    done = client.chat.completions.create(
+        model="tgi", messages=messages, max_tokens=8, temperature=0, logprobs=True
+    )
+    done_request = server.infer.requests[-1]
+    chunks = list(
+        client.chat.completions.create(
+            model="tgi", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )
+    stream_request = server.infer.requests[-1]
+    assert done_request.input_ids == stream_request.input_ids
+    for request in (done_request, stream_request):
+        assert request.stop_token_ids == (im_end,) and "<|im_end|>" not in request.stop_sequences
+
+    streamed = "".join(c.choices[0].delta.content for c in chunks)
+    message = done.choices[0].message.content
+    assert streamed and streamed == message == "".join(e.token for e in done.choices[0].logprobs.content)
+    assert "<|im_end|>" not in message
+    count, finish = (3, "stop") if content == STOP_EARLY else (8, "length")
+    assert len(chunks) == done.usage.completion_tokens == count
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (count - 1) + [finish]
+    assert done.choices[0].finish_reason == finish
+    if content == STOP_EARLY:  # the turn-end token is the last one streamed, with no text
+        assert chunks[-1].choices[0].delta.content == "" and done.choices[0].logprobs.content[-1].token == ""
+
+
+def test_chat_adds_no_stop_token_when_im_end_is_an_eos_id(tiny_internlm2_dir):
+    """A shard that already ends on <|im_end|> (InternLM2's EOS set) gets no extra stop token id."""
+    from fastapi.testclient import TestClient
+
+    tokenizer = Tokenizer.from_pretrained(tiny_internlm2_dir)
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    shard = ShardInfo(
+        model_id="tiny",
+        architecture="InternLM2ForCausalLM",
+        dtype="float32",
+        device_type="cpu",
+        block_size=16,
+        world_size=1,
+        vocab_size=1000,
+        max_position_embeddings=512,
+        eos_token_ids=(2, im_end),
+    )
+    infer = FakeInfer(tokenizer, shard.eos_token_ids)
+    state = RouterState(
+        infer=infer,
+        validation=Validation(tokenizer, LIMITS),
+        tokenizer=tokenizer,
+        limits=LIMITS,
+        shard=shard,
+        model_id="tiny",
+    )
+    with TestClient(create_app(state)) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": STOP_EARLY}], "max_tokens": 8},
+        )
+    assert r.status_code == 200, r.text
+    assert infer.requests[-1].stop_token_ids == () and infer.requests[-1].stop_sequences == ()
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 3

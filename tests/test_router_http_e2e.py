@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("text_generation_router.cli", reason="the router CLI is not there yet")
 
-from helpers import BlockAllocator, make_request
+from helpers import new_request
 from router_stack import start_stack
 from text_generation import Client
 from text_generation_server.utils.tokenizer import Tokenizer
@@ -41,18 +41,9 @@ def engine(tiny_internlm2_dir):
 
 def reference(engine, input_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy ids from the in-process engine, alone in its batch, stopping on EOS like the router."""
-    from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
+    from text_generation_server.models.local import generate
 
-    allocator = BlockAllocator(64, 16)
-    batch = FlashCausalLMBatch.from_requests(
-        0, [make_request(allocator, 0, input_ids, max_new_tokens=max_new_tokens, ignore_eos=False)], engine
-    )
-    ids: list[int] = []
-    while batch is not None:
-        generations, batch = engine.generate_token(batch)
-        for g in generations:
-            ids.extend(g.tokens.ids)
-    return ids
+    return generate(engine, [new_request(input_ids, max_new_tokens, ignore_eos=False)])[0].token_ids
 
 
 @pytest.fixture(scope="module")

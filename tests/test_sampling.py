@@ -1,8 +1,9 @@
-"""NextTokenChooser, top_n_tokens and StoppingCriteria: their definitions, and transformers' processors."""
+"""TokenSampler, process, choose_tokens and top_n_tokens: their definitions, and transformers' processors."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from text_generation_server.models.types import FinishReason, SamplingParameters, StoppingParameters
-from text_generation_server.utils.sampling import NextTokenChooser, top_n_tokens
-from text_generation_server.utils.stopping import StoppingCriteria
+from text_generation_server.models.types import SamplingParameters
+from text_generation_server.utils import sampling
+from text_generation_server.utils.sampling import TokenSampler, choose_tokens, process, top_n_tokens
 
 CPU = torch.device("cpu")
 V = 128  # small vocabulary for the semantic tests
@@ -26,13 +27,20 @@ def random_logits(batch: int, vocab: int = V, seed: int = 0, scale: float = 3.0)
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def chooser(params: list[SamplingParameters], histories: list[list[int]] | None = None) -> NextTokenChooser:
+def samplers(
+    params: list[SamplingParameters], histories: list[list[int]] | None = None, vocab: int = V
+) -> list[TokenSampler]:
     histories = histories if histories is not None else [[0] for _ in params]
-    return NextTokenChooser.from_params(params, histories, V, CPU)
+    assert len(histories) == len(params)
+    return [TokenSampler(p, history, vocab, CPU) for p, history in zip(params, histories)]
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).nansum(-1)
+
+
+def with_seed(params: SamplingParameters, seed: int) -> SamplingParameters:
+    return SamplingParameters(**{**params.__dict__, "seed": seed})
 
 
 # ---------------------------------------------------------------------------------------------- greedy
@@ -40,16 +48,50 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = random_logits(4)
-    next_ids, logprobs = chooser([SamplingParameters()] * 4)(logits)
+    next_ids, logprobs = choose_tokens(logits, samplers([SamplingParameters()] * 4))
     assert next_ids.dtype == torch.int64 and next_ids.shape == (4,)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == (4, V)
     assert torch.equal(next_ids, logits.argmax(-1))
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1))
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(4))
 
 
-def test_plain_greedy_batch_builds_no_extra_stage():
-    c = chooser([SamplingParameters()] * 3)
-    assert c._token_counts is None and c._sampled_rows is None and c._temperature is None
+def test_plain_greedy_sampler_holds_no_generator_nor_counts():
+    greedy = TokenSampler(SamplingParameters(), [5, 6, 6], V, CPU)
+    assert greedy.generator is None and greedy.counts is None and greedy.history_length == 3
+    sampled = TokenSampler(SamplingParameters(do_sample=True, seed=3), [5], V, CPU)
+    assert sampled.generator is not None and sampled.counts is None
+    penalized = TokenSampler(SamplingParameters(frequency_penalty=0.5), [5, 6, 6], V, CPU)
+    assert penalized.generator is None
+    assert penalized.counts is not None and penalized.counts.dtype == torch.float32
+    expected = torch.zeros(V)
+    expected[5], expected[6] = 1.0, 2.0
+    assert torch.equal(penalized.counts, expected)
+    penalized.record(6)
+    assert penalized.counts[6].item() == 3.0 and penalized.history_length == 4
+
+
+def test_plain_greedy_batch_builds_no_extra_stage(monkeypatch: pytest.MonkeyPatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a plain greedy batch ran a sampling stage")
+
+    for stage in ("_apply_repetition_penalty", "_apply_frequency_penalty", "_apply_top_k", "_apply_top_p",
+                  "_apply_typical_p", "_draw"):
+        monkeypatch.setattr(sampling, stage, must_not_run)
+    logits = random_logits(3)
+    rows = samplers([SamplingParameters()] * 3)
+    assert torch.equal(process(logits, rows), logits)
+    next_ids, _ = choose_tokens(logits, rows)
+    assert torch.equal(next_ids, logits.argmax(-1))
+
+
+def test_greedy_rows_come_out_of_process_unchanged_next_to_processed_rows():
+    logits = random_logits(3, seed=1)
+    params = [SamplingParameters(), SamplingParameters(do_sample=True, temperature=0.5, top_k=5, top_p=0.8),
+              SamplingParameters()]
+    processed = process(logits, samplers(params))
+    assert torch.equal(processed[0], logits[0]) and torch.equal(processed[2], logits[2])
+    assert not torch.equal(processed[1], logits[1])
 
 
 def test_does_not_modify_the_callers_logits():
@@ -57,15 +99,17 @@ def test_does_not_modify_the_callers_logits():
     before = logits.clone()
     params = SamplingParameters(do_sample=True, temperature=0.5, top_k=5, top_p=0.8, typical_p=0.9,
                                 repetition_penalty=1.3, frequency_penalty=0.5)
-    chooser([params, SamplingParameters()], [[1, 2, 3], [4]])(logits)
+    rows = samplers([params, SamplingParameters()], [[1, 2, 3], [4]])
+    process(logits, rows)
+    choose_tokens(logits, rows)
     assert torch.equal(logits, before)
 
 
 def test_top_k_one_with_sampling_equals_greedy():
-    sampled = chooser([SamplingParameters(do_sample=True, top_k=1, seed=s) for s in range(8)])
+    rows = samplers([SamplingParameters(do_sample=True, top_k=1, seed=s) for s in range(8)])
     for step in range(5):
         logits = random_logits(8, seed=step)
-        next_ids, logprobs = sampled(logits)
+        next_ids, logprobs = choose_tokens(logits, rows)
         assert torch.equal(next_ids, logits.argmax(-1))
         # Only the kept token has probability: its logprob is 0.
         assert torch.allclose(logprobs.gather(1, next_ids[:, None]), torch.zeros(8, 1))
@@ -76,8 +120,8 @@ def test_top_k_one_with_sampling_equals_greedy():
 
 def test_tiny_temperature_approaches_greedy():
     logits = random_logits(16)
-    c = chooser([SamplingParameters(temperature=1e-3, seed=s) for s in range(16)])
-    next_ids, _ = c(logits)
+    rows = samplers([SamplingParameters(temperature=1e-3, seed=s) for s in range(16)])
+    next_ids, _ = choose_tokens(logits, rows)
     assert torch.equal(next_ids, logits.argmax(-1))
 
 
@@ -86,7 +130,7 @@ def test_large_temperature_flattens_the_distribution():
     entropies = []
     for temperature in (0.25, 0.5, 1.0, 2.0, 10.0):
         params = SamplingParameters(do_sample=True, temperature=temperature)
-        entropies.append(float(entropy(chooser([params]).process(logits).log_softmax(-1))))
+        entropies.append(float(entropy(process(logits, samplers([params])).log_softmax(-1))))
     assert entropies == sorted(entropies) and entropies[-1] > entropies[0] + 1.0
     assert entropies[-1] <= math.log(V) + 1e-4
 
@@ -95,8 +139,8 @@ def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
 
     def kept(top_p: float) -> list[int]:
-        c = NextTokenChooser.from_params([SamplingParameters(top_p=top_p)], [[0]], 4, CPU)
-        return torch.isfinite(c.process(logits))[0].nonzero().flatten().tolist()
+        scores = process(logits, samplers([SamplingParameters(top_p=top_p)], vocab=4))
+        return torch.isfinite(scores)[0].nonzero().flatten().tolist()
 
     assert kept(0.4) == [0]
     assert kept(0.7) == [0, 1]
@@ -116,7 +160,7 @@ def test_warpers_match_transformers_per_row():
         SamplingParameters(),  # greedy: untouched
         SamplingParameters(do_sample=True, temperature=1.5, typical_p=0.2),
     ]
-    processed = chooser(params).process(logits)
+    processed = process(logits, samplers(params))
     for row, p in enumerate(params):
         expected = logits[row : row + 1].clone()
         if p.temperature != 1.0:
@@ -135,14 +179,14 @@ def test_repetition_penalty_matches_transformers_and_lowers_repeated_tokens():
     histories = [[1, 2, 2, 9, 40], [3], [7, 8]]
     params = [SamplingParameters(repetition_penalty=1.3), SamplingParameters(repetition_penalty=0.8),
               SamplingParameters()]
-    processed = chooser(params, histories).process(logits)
+    processed = process(logits, samplers(params, histories))
     for row, (p, history) in enumerate(zip(params, histories)):
         reference = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)
         expected = reference(torch.tensor([history]), logits[row : row + 1].clone())
         torch.testing.assert_close(processed[row : row + 1], expected)
 
-    _, penalized = chooser([params[0]], [histories[0]])(logits[:1])
-    _, plain = chooser([SamplingParameters()], [histories[0]])(logits[:1])
+    _, penalized = choose_tokens(logits[:1], samplers([params[0]], [histories[0]]))
+    _, plain = choose_tokens(logits[:1], samplers([SamplingParameters()], [histories[0]]))
     for token in set(histories[0]):
         assert penalized[0, token] < plain[0, token]
 
@@ -150,7 +194,7 @@ def test_repetition_penalty_matches_transformers_and_lowers_repeated_tokens():
 def test_frequency_penalty_grows_with_the_count():
     logits = torch.zeros(1, V)  # equal logits: only the penalty differs
     history = [5, 6, 6, 6, 7]
-    processed = chooser([SamplingParameters(frequency_penalty=1.0)], [history]).process(logits)
+    processed = process(logits, samplers([SamplingParameters(frequency_penalty=1.0)], [history]))
     # TGI: scores -= penalty * count / len(history)
     assert processed[0, 5].item() == pytest.approx(-1 / 5)
     assert processed[0, 6].item() == pytest.approx(-3 / 5)
@@ -158,17 +202,26 @@ def test_frequency_penalty_grows_with_the_count():
     assert processed[0, 6] < processed[0, 5] < processed[0, 8]
 
 
+def test_process_records_nothing():
+    row = TokenSampler(SamplingParameters(frequency_penalty=1.0), [5], V, CPU)
+    counts = row.counts.clone()
+    first = process(random_logits(1), [row])
+    assert torch.equal(row.counts, counts) and row.history_length == 1
+    assert torch.equal(process(random_logits(1), [row]), first)
+
+
 def test_penalties_see_the_generated_tokens():
-    """Each chosen id joins its row's history, so a greedy row with a penalty stops repeating its argmax."""
+    """choose_tokens records each chosen id, so a greedy row with a penalty stops repeating its argmax."""
     logits = torch.zeros(1, V)
     logits[0, 10], logits[0, 11] = 2.0, 1.9
-    c = chooser([SamplingParameters(repetition_penalty=2.0)], [[0]])
-    first, _ = c(logits)
-    second, _ = c(logits)
+    rows = samplers([SamplingParameters(repetition_penalty=2.0)], [[0]])
+    first, _ = choose_tokens(logits, rows)
+    second, _ = choose_tokens(logits, rows)
     assert (first.item(), second.item()) == (10, 11)
+    assert rows[0].history_length == 3
 
-    c = chooser([SamplingParameters(frequency_penalty=2.0)], [[0]])
-    ids = [c(logits)[0].item() for _ in range(3)]
+    rows = samplers([SamplingParameters(frequency_penalty=2.0)], [[0]])
+    ids = [choose_tokens(logits, rows)[0].item() for _ in range(3)]
     assert ids[:2] == [10, 11]
 
 
@@ -177,7 +230,7 @@ def test_logprobs_are_normalized_for_every_kind_of_row():
               SamplingParameters(top_k=3, temperature=0.5),
               SamplingParameters(top_p=0.5, repetition_penalty=1.2),
               SamplingParameters(typical_p=0.5, frequency_penalty=0.7)]
-    next_ids, logprobs = chooser(params)(random_logits(5))
+    next_ids, logprobs = choose_tokens(random_logits(5), samplers(params))
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(5))
     # The chosen token is always one the processors kept.
     assert torch.isfinite(logprobs.gather(1, next_ids[:, None])).all()
@@ -185,10 +238,18 @@ def test_logprobs_are_normalized_for_every_kind_of_row():
 
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.6, 0.3, 0.1]]).log()
-    c = NextTokenChooser.from_params([SamplingParameters(do_sample=True, seed=123)], [[0]], 3, CPU)
-    draws = torch.tensor([c(logits)[0].item() for _ in range(3000)])
+    rows = samplers([SamplingParameters(do_sample=True, seed=123)], vocab=3)
+    draws = torch.tensor([choose_tokens(logits, rows)[0].item() for _ in range(3000)])
     frequencies = torch.bincount(draws, minlength=3).float() / len(draws)
     torch.testing.assert_close(frequencies, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
+
+
+def test_sampling_never_chooses_a_masked_token():
+    logits = random_logits(1, seed=8)
+    rows = samplers([SamplingParameters(do_sample=True, seed=5, top_k=3)])
+    allowed = set(logits[0].topk(3).indices.tolist())
+    chosen = {choose_tokens(logits, rows)[0].item() for _ in range(300)}
+    assert chosen <= allowed and len(chosen) > 1
 
 
 # ------------------------------------------------------------------------------------- seeds and batches
@@ -202,93 +263,117 @@ def fake_logits(last_ids: list[int]) -> torch.Tensor:
     return LOGIT_TABLE[torch.tensor(last_ids)]
 
 
-def generate_alone(params: SamplingParameters, prompt: list[int], steps: int) -> list[int]:
-    c = chooser([params], [prompt])
-    tokens = list(prompt)
+def continue_alone(sampler: TokenSampler, last_id: int, steps: int) -> list[int]:
+    tokens = [last_id]
     for _ in range(steps):
-        tokens.append(c(fake_logits([tokens[-1]]))[0].item())
-    return tokens[len(prompt) :]
+        tokens.append(choose_tokens(fake_logits([tokens[-1]]), [sampler])[0].item())
+    return tokens[1:]
+
+
+def generate_alone(params: SamplingParameters, prompt: list[int], steps: int) -> list[int]:
+    return continue_alone(TokenSampler(params, prompt, V, CPU), prompt[-1], steps)
 
 
 SAMPLED_A = SamplingParameters(do_sample=True, seed=42, temperature=0.8, top_k=30, repetition_penalty=1.2)
 SAMPLED_B = SamplingParameters(seed=7, top_p=0.9, typical_p=0.95, frequency_penalty=0.5)
+PLAIN_SAMPLED = SamplingParameters(do_sample=True, seed=2**64 - 1)
 
 
 def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
-    first = generate_alone(SAMPLED_A, [1, 2, 3], 20)
-    assert first == generate_alone(SAMPLED_A, [1, 2, 3], 20)
-    other_seed = SamplingParameters(**{**SAMPLED_A.__dict__, "seed": 43})
-    assert first != generate_alone(other_seed, [1, 2, 3], 20)
+    for params in (SAMPLED_A, SAMPLED_B, PLAIN_SAMPLED):
+        first = generate_alone(params, [1, 2, 3], 20)
+        assert first == generate_alone(params, [1, 2, 3], 20)
+        assert first != generate_alone(with_seed(params, 43), [1, 2, 3], 20)
 
 
-def test_seeded_rows_do_not_depend_on_the_batch_nor_on_filter_and_concatenate():
-    steps = 20
-    prompts = {"A": [1, 2, 3], "B": [4, 5]}
-    expected = {"A": generate_alone(SAMPLED_A, prompts["A"], steps),
-                "B": generate_alone(SAMPLED_B, prompts["B"], steps)}
+def test_seeded_rows_do_not_depend_on_the_other_rows_of_the_step():
+    """The same sampler objects run in steps whose companions join, leave and change places every step."""
+    steps = 24
+    prompts = {"A": [1, 2, 3], "B": [4, 5], "P": [6]}
+    params = {"A": SAMPLED_A, "B": SAMPLED_B, "P": PLAIN_SAMPLED}
+    expected = {name: generate_alone(params[name], prompts[name], steps) for name in params}
 
-    # Batch: greedy G1, A, sampled S (another seed), B.
-    names = ["G1", "A", "S", "B"]
-    params = [SamplingParameters(), SAMPLED_A, SamplingParameters(do_sample=True, seed=42), SAMPLED_B]
-    tokens = {"G1": [9], "A": list(prompts["A"]), "S": [1, 2, 3], "B": list(prompts["B"])}
-    c = NextTokenChooser.from_params(params, [tokens[n] for n in names], V, CPU)
-
-    def step() -> None:
-        next_ids, _ = c(fake_logits([tokens[n][-1] for n in names]))
-        for name, token in zip(names, next_ids.tolist()):
+    companion_params = [
+        SamplingParameters(),
+        SamplingParameters(do_sample=True, seed=42),  # A's seed, other parameters
+        SamplingParameters(do_sample=True, seed=42, top_k=30),
+        SAMPLED_A,  # A's very parameters, in another sampler
+        SamplingParameters(repetition_penalty=1.5, top_p=0.5),
+        SamplingParameters(typical_p=0.3, frequency_penalty=1.0, seed=7),
+    ]
+    tracked = {name: TokenSampler(params[name], prompts[name], V, CPU) for name in params}
+    tokens = {name: list(prompts[name]) for name in params}
+    rng = random.Random(0)
+    for step in range(steps):
+        # Fresh companions every few steps, a random subset of them every step, all in a random order.
+        if step % 4 == 0:
+            companions = [
+                (f"c{step}.{i}", TokenSampler(p, [9 + i], V, CPU)) for i, p in enumerate(companion_params)
+            ]
+            tokens.update({name: [9 + i] for i, (name, _) in enumerate(companions)})
+        rows = list(tracked.items()) + rng.sample(companions, rng.randrange(len(companions) + 1))
+        rng.shuffle(rows)
+        next_ids, _ = choose_tokens(fake_logits([tokens[name][-1] for name, _ in rows]), [s for _, s in rows])
+        for (name, _), token in zip(rows, next_ids.tolist()):
             tokens[name].append(token)
 
-    for _ in range(6):
-        step()
-    # G1 and S finish: keep B then A (order changes too).
-    c, names = c.filter([3, 1]), ["B", "A"]
-    for _ in range(5):
-        step()
-    # A new batch without penalties (so without token counts) joins in front.
-    joining = NextTokenChooser.from_params(
-        [SamplingParameters(), SamplingParameters(do_sample=True, seed=42, top_k=30)], [[7], [8]], V, CPU
-    )
-    tokens.update({"G2": [7], "S2": [8]})
-    c, names = NextTokenChooser.concatenate([joining, c]), ["G2", "S2", "B", "A"]
-    for _ in range(steps - 11):
-        step()
-
-    assert tokens["A"][len(prompts["A"]) :] == expected["A"]
-    assert tokens["B"][len(prompts["B"]) :] == expected["B"]
+    for name in params:
+        assert tokens[name][len(prompts[name]) :] == expected[name], name
 
 
-def test_filter_and_concatenate_validate():
-    c = chooser([SamplingParameters()] * 2)
-    with pytest.raises(ValueError, match="5"):
-        c.filter([0, 5])
-    with pytest.raises(ValueError, match="unique"):
-        c.filter([1, 1])
-    with pytest.raises(ValueError):
-        NextTokenChooser.concatenate([])
-    other = NextTokenChooser.from_params([SamplingParameters()], [[0]], V + 1, CPU)
-    with pytest.raises(ValueError, match="vocab"):
-        NextTokenChooser.concatenate([c, other])
-    assert len(NextTokenChooser.concatenate([c, c.filter([1])])) == 3
+@pytest.mark.parametrize(
+    "params", [SAMPLED_A, SAMPLED_B, PLAIN_SAMPLED, SamplingParameters(repetition_penalty=1.3)]
+)
+@pytest.mark.parametrize("draws", [1, 7])
+def test_draws_made_continues_where_the_sampler_was(params: SamplingParameters, draws: int):
+    """A request recomputed after `draws` tokens: a new sampler with the longer history and draws_made=draws
+    chooses exactly what the original sampler chooses next."""
+    prompt = [1, 2, 3]
+    original = TokenSampler(params, prompt, V, CPU)
+    generated = continue_alone(original, prompt[-1], draws)
+    resumed = TokenSampler(params, prompt + generated, V, CPU, draws_made=draws)
+    assert resumed.history_length == original.history_length == len(prompt) + draws
+    if params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0:
+        assert torch.equal(resumed.counts, original.counts)
+    assert continue_alone(resumed, generated[-1], 15) == continue_alone(original, generated[-1], 15)
+
+
+def test_draws_made_matters_for_sampled_rows():
+    prompt = [1, 2, 3]
+    original = TokenSampler(SAMPLED_A, prompt, V, CPU)
+    generated = continue_alone(original, prompt[-1], 5)
+    restarted = TokenSampler(SAMPLED_A, prompt + generated, V, CPU)  # draws_made=0: the sequence starts over
+    assert continue_alone(restarted, generated[-1], 15) != continue_alone(original, generated[-1], 15)
+
+
+# ---------------------------------------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize(
     "bad, value",
-    [("temperature", 0.0), ("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-     ("typical_p", 0.0), ("repetition_penalty", 0.0), ("frequency_penalty", math.inf), ("seed", -1),
-     ("seed", 2**64)],
+    [("temperature", 0.0), ("temperature", -1.0), ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0),
+     ("top_p", 1.5), ("typical_p", 0.0), ("typical_p", 1.01), ("repetition_penalty", 0.0),
+     ("repetition_penalty", math.inf), ("frequency_penalty", math.inf), ("seed", -1), ("seed", 2**64)],
 )
-def test_from_params_rejects_bad_parameters(bad, value):
-    with pytest.raises(ValueError, match=bad):
-        chooser([SamplingParameters(**{bad: value})])
+def test_rejects_bad_parameters_naming_the_value(bad: str, value: float):
+    with pytest.raises(ValueError, match=bad) as raised:
+        TokenSampler(SamplingParameters(**{bad: value}), [0], V, CPU)
+    assert repr(value) in str(raised.value)
 
 
-def test_from_params_and_call_reject_bad_shapes():
-    with pytest.raises(ValueError, match="histories"):
-        NextTokenChooser.from_params([SamplingParameters()], [], V, CPU)
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="vocab_size"):
+        TokenSampler(SamplingParameters(), [0], 0, CPU)
     with pytest.raises(ValueError, match=str(V)):
-        chooser([SamplingParameters(repetition_penalty=1.1)], [[V]])
-    with pytest.raises(ValueError, match="shape"):
-        chooser([SamplingParameters()])(torch.zeros(2, V))
+        TokenSampler(SamplingParameters(repetition_penalty=1.1), [V], V, CPU)
+    with pytest.raises(ValueError, match="-1"):
+        TokenSampler(SamplingParameters(frequency_penalty=0.1), [3, -1], V, CPU)
+    rows = samplers([SamplingParameters()])
+    for logits in (torch.zeros(2, V), torch.zeros(V), torch.zeros(1, 1, V)):
+        with pytest.raises(ValueError, match="shape"):
+            process(logits, rows)
+        with pytest.raises(ValueError, match="shape"):
+            choose_tokens(logits, rows)
 
 
 # ---------------------------------------------------------------------------------------------- top_n_tokens
@@ -307,62 +392,3 @@ def test_top_n_tokens():
         top_n_tokens(logprobs, [1, -1, 0])
     with pytest.raises(ValueError):
         top_n_tokens(logprobs, [1])
-
-
-# ---------------------------------------------------------------------------------------------- stopping
-
-EOS = frozenset({2, 92542})
-
-
-def test_stops_at_max_new_tokens():
-    criteria = StoppingCriteria(EOS, StoppingParameters(max_new_tokens=3))
-    assert [criteria(5, "a"), criteria(6, "b"), criteria(7, "c")] == [None, None, FinishReason.LENGTH]
-
-
-def test_stops_at_any_eos_id_unless_ignored():
-    assert StoppingCriteria(EOS, StoppingParameters())(92542, "") == FinishReason.EOS_TOKEN
-    assert StoppingCriteria(EOS, StoppingParameters())(2, "") == FinishReason.EOS_TOKEN
-    ignoring = StoppingCriteria(EOS, StoppingParameters(max_new_tokens=3, ignore_eos_token=True))
-    assert [ignoring(2, ""), ignoring(2, ""), ignoring(2, "")] == [None, None, FinishReason.LENGTH]
-
-
-def test_length_wins_over_eos_on_the_same_token():
-    criteria = StoppingCriteria(EOS, StoppingParameters(max_new_tokens=2))
-    assert criteria(5, "a") is None
-    assert criteria(2, "") == FinishReason.LENGTH
-
-
-def test_stop_sequence_spanning_two_tokens():
-    criteria = StoppingCriteria(EOS, StoppingParameters(stop_sequences=("\nUser:",)))
-    assert criteria(10, "Hello") is None
-    assert criteria(11, "\nUs") is None
-    assert criteria(12, "er:") == FinishReason.STOP_SEQUENCE
-
-
-def test_stop_sequence_inside_a_token_counts_once():
-    criteria = StoppingCriteria(EOS, StoppingParameters(stop_sequences=("ab", "zz")))
-    assert criteria(1, "xabc") == FinishReason.STOP_SEQUENCE  # "ab" ends inside this token's text
-    criteria = StoppingCriteria(EOS, StoppingParameters(stop_sequences=("zz",)))
-    assert criteria(1, "zaz") is None
-    assert criteria(3, "y") is None
-    assert criteria(4, "z") is None  # "yz": the earlier "z" is no longer adjacent
-    assert criteria(5, "z") == FinishReason.STOP_SEQUENCE
-
-
-def test_stop_sequence_still_found_after_much_text():
-    criteria = StoppingCriteria(EOS, StoppingParameters(max_new_tokens=10_000, stop_sequences=("STOP",)))
-    for i in range(2000):
-        assert criteria(1, f"word{i} ") is None
-    assert criteria(1, "ST") is None
-    assert criteria(1, "OP") == FinishReason.STOP_SEQUENCE
-
-
-@pytest.mark.parametrize(
-    "params, shown",
-    [(StoppingParameters(max_new_tokens=0), "0"), (StoppingParameters(max_new_tokens=-3), "-3"),
-     (StoppingParameters(stop_sequences=("ok", "")), "''"),
-     (StoppingParameters(stop_sequences=(None,)), "None")],
-)
-def test_stopping_validation(params, shown):
-    with pytest.raises(ValueError, match=shown):
-        StoppingCriteria(EOS, params)

@@ -1,10 +1,11 @@
-"""The continuous-batching scheduler driven by a fake shard: no torch, no processes.
+"""The planner (scheduler + block manager) on its own: plans checked step by step, results written by hand.
 
-The fake shard keeps batches like the real one (Prefill caches, Decode concatenates into the first id and
-applies block extensions, FilterBatch/ClearCache) and checks the KV contract strictly: a request's blocks must
-cover its prompt at Prefill and the position each Decode writes, block ids must be in range, and no block may
-belong to two live requests. Its "model" is deterministic: the next token is a function of the whole sequence,
-so a preempted request (re-prefilled with prompt + generated) must produce the same tokens as an undisturbed one.
+`ShardMirror` plays the shard's side of the contract synchronously and strictly: it mirrors each request from
+its plans (tokens, block table, released ids), refuses what the real shard refuses, and tracks what every KV
+slot holds — the identity of the whole prefix up to that position and the rotary length it was computed with —
+so a request that reads a slot it did not fill with the same prefix (a wrong prefix-cache hit, a block reused
+while still read, a dynamic-NTK mismatch) fails the test. Its model is deterministic in the whole sequence, so
+a request recomputed after a preemption must produce the same tokens as an undisturbed one.
 """
 
 from __future__ import annotations
@@ -16,535 +17,533 @@ import sys
 import pytest
 
 from text_generation_router import metrics
-from text_generation_router.allocator import BlockAllocator
-from text_generation_router.client import ShardError, StepResult
+from text_generation_router.block_manager import BlockManager, block_hash
+from text_generation_router.client import StepResult
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
-from text_generation_router.types import (
-    GenerationError,
-    GenerationRequest,
-    OverloadedError,
-    SamplingParams,
-    StreamEnd,
-    StreamToken,
-)
+from text_generation_router.types import GenerationError, GenerationRequest, OverloadedError, SamplingParams
 from text_generation_server.pb import generate_pb2 as pb
+from text_generation_server.utils.tokenizer import Tokenizer
 
 VOCAB = 1000
 EOS = 2
 
 
 def next_token(sequence) -> int:
-    """The fake model: deterministic in the whole sequence, never EOS unless the sequence asks for it."""
-    value = (sum((i + 1) * t for i, t in enumerate(sequence)) * 7919 + len(sequence)) % (VOCAB - 10) + 10
-    return value
+    """The fake model: deterministic in the whole sequence; an ordinary whole-piece token (no byte pieces)."""
+    return (sum((i + 1) * t for i, t in enumerate(sequence)) * 7919 + len(sequence)) % 690 + 300
 
 
 def reference(prompt, max_new_tokens) -> list[int]:
-    seq = list(prompt)
-    out = []
+    sequence = list(prompt)
     for _ in range(max_new_tokens):
-        token = next_token(seq)
-        seq.append(token)
-        out.append(token)
-    return out
+        sequence.append(next_token(sequence))
+    return sequence[len(prompt) :]
 
 
-class FakeReq:
-    def __init__(self, request: pb.Request):
-        self.id = request.id
-        self.tokens = list(request.input_ids)
-        self.prompt_len = len(request.input_ids)
-        self.max_new = request.stopping_parameters.max_new_tokens
-        self.stops = list(request.stopping_parameters.stop_sequences)
-        self.blocks = list(request.blocks)
-        self.generated = 0
-        self.text = ""
-        self.prefill_logprobs = request.prefill_logprobs
+class ShardMirror:
+    def __init__(self, num_blocks: int, block_size: int, dynamic_limit: int | None = None):
+        self.num_blocks, self.block_size, self.dynamic_limit = num_blocks, block_size, dynamic_limit
+        self.held: dict[int, dict] = {}
+        self.slots: dict[tuple[int, int], tuple] = {}  # (block, offset) -> (prefix identity, rotary length)
+        self.steps: list[dict[int, int]] = []  # each step's tokens per request id
+        self.finish_at: dict[int, int] = {}  # request id -> token count at which it emits EOS
 
+    def _identity(self, request: dict, position: int) -> tuple:
+        rope = max(request["prompt_length"], position + 1)
+        if self.dynamic_limit is None or rope <= self.dynamic_limit:
+            rope = 0
+        return hash(tuple(request["tokens"][: position + 1])), rope
 
-class FakeShard:
-    """ShardedClient's async interface over an in-memory "model"."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.batches: dict[int, list[FakeReq]] = {}
-        self.calls: list[tuple] = []  # (method, details)
-        self.prefills: list[list[pb.Request]] = []
-        self.decodes: list[tuple[list[int], dict[int, list[int]]]] = []
-        self.fail_prefill_if = None  # predicate on a pb.Request
-        self.fail_decode_at: int | None = None  # the n-th Decode call (0-based) fails
-        self.on_decode = None  # callback(n) before each Decode
-        self.max_live_blocks = 0
-
-    # ----- checks ---------------------------------------------------------------------------------------
-
-    def live(self) -> dict[int, FakeReq]:
-        return {r.id: r for reqs in self.batches.values() for r in reqs}
-
-    def _check_blocks(self, extra: list[FakeReq] = ()) -> None:
-        owner = {}
-        for r in [*self.live().values(), *extra]:
-            for b in r.blocks:
-                assert 0 <= b < self.num_blocks, f"block {b} out of range"
-                assert b not in owner, f"block {b} owned by requests {owner[b]} and {r.id}"
-                owner[b] = r.id
-        self.max_live_blocks = max(self.max_live_blocks, len(owner))
-
-    async def _tick(self):
-        await asyncio.sleep(0)
-
-    # ----- the interface --------------------------------------------------------------------------------
-
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        await self._tick()
-        self.calls.append(("prefill", [r.id for r in batch.requests]))
-        self.prefills.append(list(batch.requests))
-        assert batch.id not in self.batches
-        if self.fail_prefill_if is not None and any(self.fail_prefill_if(r) for r in batch.requests):
-            raise ShardError("shard 0 Prefill failed (INTERNAL): poisoned prompt", code="INTERNAL")
-        reqs = [FakeReq(r) for r in batch.requests]
-        for r in reqs:
-            assert r.id not in self.live(), f"request id {r.id} already cached"
-            assert len(r.blocks) * self.block_size >= r.prompt_len, f"request {r.id}: blocks do not cover the prompt"
-        self._check_blocks(reqs)
-        self.batches[batch.id] = reqs
-        return self._step(batch.id, prefill=True)
-
-    async def decode(self, batches, extensions=None) -> StepResult:
-        await self._tick()
-        n = len(self.decodes)
-        if self.on_decode is not None:
-            self.on_decode(n)
-        ids = [b.id for b in batches]
-        self.decodes.append((ids, {k: list(v) for k, v in (extensions or {}).items()}))
-        self.calls.append(("decode", ids))
-        for b in batches:
-            assert b.id in self.batches, f"Decode of unknown batch {b.id}"
-            assert list(b.request_ids) == [r.id for r in self.batches[b.id]], "stale CachedBatch handle"
-        if self.fail_decode_at == n:
-            raise ShardError("shard 0 Decode failed (INTERNAL): injected", code="INTERNAL")
-        reqs = [r for bid in ids for r in self.batches[bid]]
-        by_id = {r.id: r for r in reqs}
-        for rid, blocks in (extensions or {}).items():
-            assert rid in by_id, f"extension for request {rid} not in the decoded batches"
-        for r in reqs:
-            capacity = (len(r.blocks) + len((extensions or {}).get(r.id, ()))) * self.block_size
-            assert len(r.tokens) - 1 < capacity, f"request {r.id}: no block for position {len(r.tokens) - 1}"
-        for rid, blocks in (extensions or {}).items():
-            by_id[rid].blocks.extend(blocks)
-        for bid in ids[1:]:
-            del self.batches[bid]
-        self.batches[ids[0]] = reqs
-        self._check_blocks()
-        return self._step(ids[0], prefill=False)
-
-    async def filter_batch(self, batch_id: int, request_ids: list[int]):
-        await self._tick()
-        self.calls.append(("filter", batch_id, list(request_ids)))
-        reqs = self.batches[batch_id]
-        known = {r.id for r in reqs}
-        assert set(request_ids) <= known
-        kept = [r for r in reqs if r.id in set(request_ids)]
-        if not kept:
-            del self.batches[batch_id]
-            return None
-        self.batches[batch_id] = kept
-        return self._cached(batch_id)
-
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        self.calls.append(("clear", batch_id))
-        if batch_id is None:
-            self.batches.clear()
-        else:
-            self.batches.pop(batch_id, None)
-
-    async def health(self) -> None:
-        pass
-
-    # ----- the "model" ----------------------------------------------------------------------------------
-
-    def _cached(self, batch_id: int) -> pb.CachedBatch:
-        reqs = self.batches[batch_id]
-        return pb.CachedBatch(
-            id=batch_id, request_ids=[r.id for r in reqs], current_tokens=sum(len(r.tokens) - 1 for r in reqs)
-        )
-
-    def _step(self, batch_id: int, prefill: bool) -> StepResult:
-        generations, keep = [], []
-        for r in self.batches[batch_id]:
-            token = next_token(r.tokens)
-            r.tokens.append(token)
-            r.generated += 1
-            text = f"<{token}>"
-            r.text += text
-            g = pb.Generation(
-                request_id=r.id, tokens=pb.Tokens(ids=[token], logprobs=[-0.5], texts=[text], is_special=[False])
-            )
-            if prefill and r.prefill_logprobs:
-                g.prefill_tokens.CopyFrom(
-                    pb.Tokens(ids=r.tokens[: r.prompt_len], logprobs=[float("nan")] + [-1.0] * (r.prompt_len - 1),
-                              texts=["x"] * r.prompt_len, is_special=[False] * r.prompt_len)
+    def step(self, plan: pb.StepRequest) -> pb.StepResponse:
+        for rid in plan.released:
+            assert rid in self.held, f"released request {rid} is not held"
+            del self.held[rid]
+        ids = [r.id for r in plan.requests]
+        assert len(set(ids)) == len(ids), "a request twice in one step"
+        self.steps.append({r.id: r.num_tokens for r in plan.requests})
+        generations = []
+        for r in plan.requests:
+            if r.HasField("new_request"):
+                assert r.id not in self.held, f"request {r.id} is new but held"
+                new = r.new_request
+                self.held[r.id] = dict(
+                    tokens=list(new.token_ids), prompt_length=new.prompt_length, computed=new.num_cached_tokens,
+                    table=[], max_new=new.stopping_parameters.max_new_tokens,
+                    ignore_eos=new.stopping_parameters.ignore_eos_token, prefill_logprobs=new.prefill_logprobs,
                 )
-            finish = None
-            if r.generated >= r.max_new:
-                finish = pb.FINISH_REASON_LENGTH
-            elif any(s in r.text for s in r.stops):
-                finish = pb.FINISH_REASON_STOP_SEQUENCE
-            if finish is not None:
-                g.generated_text.CopyFrom(
-                    pb.GeneratedText(text=r.text, generated_tokens=r.generated, finish_reason=finish)
-                )
-            else:
-                keep.append(r)
-            generations.append(g)
-        if keep:
-            self.batches[batch_id] = keep
-            batch = self._cached(batch_id)
-        else:
-            del self.batches[batch_id]
-            batch = None
-        return StepResult(generations=generations, batch=batch)
+            request = self.held[r.id]
+            request["table"].extend(r.new_blocks)
+            assert all(0 <= b < self.num_blocks for b in r.new_blocks)
+            start, stop = request["computed"], request["computed"] + r.num_tokens
+            assert r.num_tokens >= 1 and stop <= len(request["tokens"]), (r.id, start, stop)
+            assert len(request["table"]) * self.block_size >= stop, f"request {r.id}: no block for position {stop - 1}"
+            for p in range(start):  # what it reads: its own prefix, computed the same way
+                slot = (request["table"][p // self.block_size], p % self.block_size)
+                assert self.slots.get(slot) == self._identity(request, p), f"request {r.id} reads a wrong slot at {p}"
+            for p in range(start, stop):
+                self.slots[(request["table"][p // self.block_size], p % self.block_size)] = self._identity(request, p)
+            request["computed"] = stop
+            generation = pb.Generation(request_id=r.id)
+            if request["prefill_logprobs"] and start < request["prompt_length"]:
+                positions = range(start, min(stop, request["prompt_length"]))
+                ids_ = ([request["tokens"][0]] if start == 0 else []) + [
+                    request["tokens"][p + 1] for p in positions if p + 1 < request["prompt_length"]
+                ]
+                generation.prefill_tokens.CopyFrom(pb.Tokens(ids=ids_, logprobs=[-1.0] * len(ids_)))
+            if stop == len(request["tokens"]):
+                token = EOS if len(request["tokens"]) + 1 == self.finish_at.get(r.id, -1) else next_token(request["tokens"])
+                request["tokens"].append(token)
+                generation.token_id, generation.logprob = token, -0.5
+                generated = len(request["tokens"]) - request["prompt_length"]
+                if generated >= request["max_new"]:
+                    generation.finish_reason = pb.FINISH_REASON_LENGTH
+                elif token == EOS and not request["ignore_eos"]:
+                    generation.finish_reason = pb.FINISH_REASON_EOS_TOKEN
+                if generation.HasField("finish_reason"):
+                    del self.held[r.id]
+            if generation.HasField("token_id") or generation.prefill_tokens.ids:
+                generations.append(generation)
+        return pb.StepResponse(generations=generations)
 
 
-# ----- helpers -----------------------------------------------------------------------------------------
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+@pytest.fixture(scope="module")
+def tokenizer(tiny_internlm2_dir):
+    return Tokenizer.from_pretrained(tiny_internlm2_dir, vocab_size=VOCAB)
 
 
 def request(prompt, max_new_tokens, **kw) -> GenerationRequest:
     return GenerationRequest(input_ids=tuple(prompt), parameters=SamplingParams(), max_new_tokens=max_new_tokens, **kw)
 
 
-def make(num_blocks=64, block_size=4, max_concurrent=128, **config):
-    shard = FakeShard(num_blocks, block_size)
-    allocator = BlockAllocator(num_blocks, block_size)
-    scheduler = Scheduler(shard, allocator, SchedulerConfig(**config))
-    return shard, allocator, scheduler, Infer(scheduler, max_concurrent)
-
-
-async def collect(infer: Infer, req: GenerationRequest):
-    tokens, end = await infer.generate(req)
-    return [t.token.id for t in tokens], end
-
-
 def prompt(seed: int, length: int) -> list[int]:
-    return [(seed * 37 + i * 11) % (VOCAB - 10) + 10 for i in range(length)]
+    return [10 + (seed * 131 + i * 17) % 900 for i in range(length)]
 
 
-# ----- tests -------------------------------------------------------------------------------------------
+def make(tokenizer, num_blocks=64, block_size=4, budget=4096, prefix_caching=True, dynamic_limit=None):
+    blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
+    config = SchedulerConfig(max_batch_tokens=budget, prefix_caching=prefix_caching, dynamic_rope_limit=dynamic_limit)
+    return Scheduler(blocks, tokenizer, config), ShardMirror(num_blocks, block_size, dynamic_limit)
 
 
-def test_allocator():
-    a = BlockAllocator(4, 16)
-    x = a.allocate(3)
-    assert x == [0, 1, 2] and a.free_blocks == 1
-    assert a.allocate(2) is None and a.free_blocks == 1
-    a.free(x[:2])
-    assert a.free_blocks == 3 and a.used_blocks == 1
-    with pytest.raises(ValueError):
-        a.free([0])
-    assert a.blocks_for(16) == 1 and a.blocks_for(17) == 2 and a.blocks_for(0) == 0
+def run(scheduler, shard, max_steps=10_000, before_step=None) -> dict:
+    """Plan and apply until nothing is left; every request's outputs (StreamTokens or errors) by sequence."""
+    outputs: dict = {}
+    for step in range(max_steps):
+        if before_step is not None:
+            before_step(step)
+        plan = scheduler.schedule()
+        if plan is None:
+            return outputs
+        assert plan.num_tokens <= scheduler.config.max_batch_tokens
+        for seq, item in scheduler.update(plan, shard.step(plan.to_pb())):
+            outputs.setdefault(seq, []).append(item)
+    raise AssertionError("the scheduler did not finish")
 
 
-def test_fifo_and_prefill_budget():
+def tokens_of(items) -> list[int]:
+    assert all(not isinstance(i, Exception) for i in items), items
+    return [i.token.id for i in items]
+
+
+# ----- the block manager ---------------------------------------------------------------------------------------
+
+
+def test_block_manager_counts_shares_and_evicts_least_recently_used_first():
+    blocks = BlockManager(4, 2)
+    a = blocks.allocate(2)
+    assert a == [0, 1] and blocks.free_blocks == 2 and blocks.allocate(3) is None and blocks.free_blocks == 2
+    h0 = block_hash(None, [5, 6], 0)
+    h1 = block_hash(h0, [7, 8], 0)
+    blocks.register(a[0], h0)
+    blocks.register(a[1], h1)
+    assert blocks.lookup([h0, h1, block_hash(h1, [9, 9], 0)]) == a  # the longest cached run, now held twice
+    assert blocks.ref_count(0) == 2
+    blocks.release(a)
+    assert blocks.ref_count(0) == 1 and blocks.free_blocks == 2  # still held by the second holder
+    blocks.release(a)
+    assert blocks.free_blocks == 4 and blocks.cached_blocks == 2  # free, but still findable
+    # empty blocks are handed out before cached ones; then the deepest, least recently used cached block goes
+    assert blocks.allocate(2) == [2, 3]
+    assert blocks.allocate(1) == [1] and blocks.cached_blocks == 1
+    assert blocks.lookup([h0, h1]) == [0]  # h1's block was evicted, h0's survives
+    with pytest.raises(ValueError, match="block 3 is not held"):
+        blocks.release([3, 3])
+    assert block_hash(None, [5, 6], 0) != block_hash(None, [5, 6], 7)  # the extra key is part of the identity
+
+
+# ----- one step ------------------------------------------------------------------------------------------------
+
+
+def test_a_step_decodes_everyone_then_fills_the_budget_with_prompt_chunks(tokenizer):
+    """Budget 16: the running requests decode one token each in every step while a 50-token prompt is prefilled
+    in chunks of what is left; a request arriving meanwhile joins as soon as there is budget."""
+    scheduler, shard = make(tokenizer, num_blocks=128, budget=16)
+    short = [scheduler.submit(request(prompt(i, 5), 30)) for i in range(3)]
+    run_steps = 2
+    for _ in range(run_steps):
+        plan = scheduler.schedule()
+        scheduler.update(plan, shard.step(plan.to_pb()))
+    long = scheduler.submit(request(prompt(9, 50), 4))
+    plan = scheduler.schedule()
+    counts = {c.seq: c.num_tokens for c in plan.chunks}
+    assert [counts[s] for s in short] == [1, 1, 1] and counts[long] == 13  # 16 - 3 decodes
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    late = scheduler.submit(request(prompt(10, 3), 4))
+    plan = scheduler.schedule()
+    counts = {c.seq: c.num_tokens for c in plan.chunks}
+    assert [counts[s] for s in short] == [1, 1, 1] and counts[long] == 13 and late not in counts
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    plan = scheduler.schedule()  # 24 prompt tokens left: 13 now, and the late request waits for the budget
+    counts = {c.seq: c.num_tokens for c in plan.chunks}
+    assert counts[long] == 13 and late not in counts
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    plan = scheduler.schedule()  # the last 11 prompt tokens, and the late request's prompt in what is left
+    counts = {c.seq: c.num_tokens for c in plan.chunks}
+    assert counts[long] == 11 and counts[late] == 2 and plan.kind == "prefill"
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    outputs = run(scheduler, shard)
+    done = {**{s: reference(s.request.input_ids, s.request.max_new_tokens) for s in [*short, long, late]}}
+    for seq, expected in done.items():
+        assert seq.token_ids[seq.prompt_length :] == expected
+    assert all(items[-1].end is not None for items in outputs.values())
+
+
+def test_no_decoding_request_ever_waits_for_a_long_prompt(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=256, budget=8)
+    streams = [scheduler.submit(request(prompt(i, 3), 40)) for i in range(4)]
+    longs = []
+
+    def arrive(step):
+        if step in (5, 6):
+            longs.append(scheduler.submit(request(prompt(20 + step, 100), 2)))
+
+    outputs = run(scheduler, shard, before_step=arrive)
+    # from its first token on, every stream got one token in every step until it finished
+    for seq in streams:
+        present = [seq.id in step for step in shard.steps]
+        first, last = present.index(True), len(present) - present[::-1].index(True)
+        assert all(present[first:last]), f"stream {seq.id} skipped a step"
+        assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, 40)
+    for seq in longs:
+        assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, 2)
+
+
+def test_waiting_requests_start_in_arrival_order(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=64, budget=10)
+    seqs = [scheduler.submit(request(prompt(i, n), 2)) for i, n in enumerate([4, 4, 9, 1])]
+    plan = scheduler.schedule()
+    # 4 + 4 fit, then the 9-token prompt takes the 2 tokens left (a chunk); the last one waits its turn
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(seqs[0], 4), (seqs[1], 4), (seqs[2], 2)]
+    assert scheduler.queue_size == 1
+
+
+# ----- prefix caching ------------------------------------------------------------------------------------------
+
+
+def step_once(scheduler, shard) -> list:
+    plan = scheduler.schedule()
+    return scheduler.update(plan, shard.step(plan.to_pb()))
+
+
+def test_a_prefix_cache_hit_gives_the_same_tokens_and_computes_only_the_rest(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4)
+    system = prompt(1, 12)  # three full blocks
+    first = scheduler.submit(request(system + [11, 12], 5))
+    step_once(scheduler, shard)
+    first_blocks = first.blocks[:3]
+    run(scheduler, shard)
+    hits_before = metrics.prefix_cache_hits._value.get()
+    second = scheduler.submit(request(system + [13], 5))
+    plan = scheduler.schedule()
+    (chunk,) = plan.chunks
+    assert chunk.start == 12 and chunk.num_tokens == 1  # the three cached blocks are not computed again
+    assert list(chunk.new_blocks[:3]) == first_blocks
+    outputs = {seq: [item] for seq, item in scheduler.update(plan, shard.step(plan.to_pb()))}
+    for seq, items in run(scheduler, shard).items():
+        outputs[seq] += items
+    assert tokens_of(outputs[second]) == reference(system + [13], 5)
+    assert metrics.prefix_cache_hits._value.get() - hits_before == 12
+    # a whole prompt that is cached still computes its last token (its logits are needed)
+    third = scheduler.submit(request(system, 3))
+    plan = scheduler.schedule()
+    assert (plan.chunks[0].start, plan.chunks[0].num_tokens) == (8, 4)
+    outputs = {seq: [item] for seq, item in scheduler.update(plan, shard.step(plan.to_pb()))}
+    outputs[third] += run(scheduler, shard)[third]
+    assert tokens_of(outputs[third]) == reference(system, 3)
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once(tokenizer):
+    """Five requests with the same 3-block system prompt arrive together: the first computes it, the others wait
+    one step for it instead of computing it again, then find it cached."""
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4)
+    system = prompt(4, 12)
+    seqs = [scheduler.submit(request(system + [30 + i], 4)) for i in range(5)]
+    lone = scheduler.submit(request(prompt(5, 6), 4))  # behind them in the queue
+    plan = scheduler.schedule()
+    assert [c.seq for c in plan.chunks] == [seqs[0]]  # the rest wait: their first block is being computed
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    plan = scheduler.schedule()
+    chunks = {c.seq: c for c in plan.chunks}
+    assert all((chunks[s].start, chunks[s].num_tokens) == (12, 1) for s in seqs[1:]) and lone in chunks
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    for seq, items in run(scheduler, shard).items():
+        assert seq.token_ids[seq.prompt_length :] == reference(seq.request.input_ids, 4)
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4, budget=5)
+    system = prompt(2, 12)
+    scheduler.submit(request(system + [1], 2))
+    run(scheduler, shard)
+    seq = scheduler.submit(request(system + [7], 2, prefill_logprobs=True))
+    plan = scheduler.schedule()
+    assert plan.chunks[0].start == 0  # not a cache hit: every prompt position's logprob is computed
+    assert not dict(scheduler.update(plan, shard.step(plan.to_pb())))
+    items = run(scheduler, shard)[seq]
+    assert [t.id for t in items[0].prefill] == system + [7]  # gathered over the chunks, delivered once
+    assert all(i.prefill is None for i in items[1:])
+
+
+def test_shared_blocks_survive_the_end_cancellation_and_preemption_of_one_holder(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4)
+    system = prompt(3, 8)
+    outputs: dict = {}
+
+    def step():
+        plan = scheduler.schedule()
+        for seq, item in scheduler.update(plan, shard.step(plan.to_pb())):
+            outputs.setdefault(seq, []).append(item)
+        return plan
+
+    a = scheduler.submit(request(system + [21], 30))
+    step()
+    b = scheduler.submit(request(system + [22], 30))
+    c = scheduler.submit(request(system + [23], 2))
+    step()
+    shared = a.blocks[:2]
+    assert b.blocks[:2] == shared and c.blocks[:2] == shared
+    assert [scheduler.blocks.ref_count(x) for x in shared] == [3, 3]
+    step()  # c's second token: it finishes (max_new_tokens 2)
+    assert c.finished and [scheduler.blocks.ref_count(x) for x in shared] == [2, 2]
+    scheduler.cancel(a)  # a's client goes away: its blocks go with the next plan, the shared ones stay held by b
+    plan = step()
+    assert a.id in plan.released and [scheduler.blocks.ref_count(x) for x in shared] == [1, 1]
+    scheduler._preempt(b)  # what a full cache does: b lets go, the blocks stay cached and are found again
+    assert [scheduler.blocks.ref_count(x) for x in shared] == [0, 0] and scheduler.blocks.cached_blocks >= 2
+    plan = step()
+    assert b.id in plan.released and plan.chunks[0].seq is b and plan.chunks[0].new_blocks[:2] == tuple(shared)
+    for seq, items in run(scheduler, shard).items():
+        outputs.setdefault(seq, []).extend(items)
+    assert tokens_of(outputs[b]) == reference(system + [22], 30)
+    assert tokens_of(outputs[c]) == reference(system + [23], 2)
+    assert scheduler.blocks.used_blocks == 0 and not shard.held
+
+
+def test_under_kv_pressure_cached_blocks_are_evicted_never_a_running_requests(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=12, block_size=4)
+    finished = [prompt(30 + i, 9) for i in range(3)]
+    for tokens in finished:  # three finished requests leave 3 × 2 cached blocks
+        scheduler.submit(request(tokens, 1))
+    run(scheduler, shard)
+    assert scheduler.blocks.cached_blocks == 6 and scheduler.blocks.used_blocks == 0
+    running = scheduler.submit(request(prompt(40, 8), 16))  # grows to 6 blocks
+    newcomer = scheduler.submit(request(prompt(41, 20), 2))  # 6 blocks: together they need all 12
+    outputs = run(scheduler, shard)  # the mirror fails any read of a slot that another request overwrote
+    assert tokens_of(outputs[running]) == reference(prompt(40, 8), 16)
+    assert tokens_of(outputs[newcomer]) == reference(prompt(41, 20), 2)
+    assert scheduler.stats["preempted"] == 0
+    before = metrics.prefix_cache_hits._value.get()
+    again = scheduler.submit(request(finished[0], 1))
+    assert tokens_of(run(scheduler, shard)[again]) == reference(finished[0], 1)
+    assert metrics.prefix_cache_hits._value.get() == before  # its cached blocks were evicted for the others
+
+
+def test_dynamic_ntk_blocks_are_shared_only_where_their_keys_agree(tokenizer):
+    """Past max_position_embeddings (24 here) a prompt's keys depend on its length: a 30-token prompt shares
+    nothing with a 31-token one that starts the same (nor with a short one), while the same 30-token prompt again,
+    or two prompts under the limit, share their full blocks."""
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4, dynamic_limit=24)
+    base = prompt(5, 30)
+    hits = []
+    for tokens in (base, base + [7], base, base[:16] + [1, 2], base[:16] + [3]):
+        scheduler.submit(request(tokens, 3))
+        before = metrics.prefix_cache_hits._value.get()
+        ((_, items),) = run(scheduler, shard).items()  # the mirror checks each slot's rotary length too
+        hits.append(metrics.prefix_cache_hits._value.get() - before)
+        assert tokens_of(items) == reference(tokens, 3)
+    assert hits == [0, 0, 28, 0, 16]
+
+
+# ----- preemption, cancellation, errors ----------------------------------------------------------------------
+
+
+def test_preemption_recomputes_the_newest_and_keeps_every_stream_intact(tokenizer):
+    """12 blocks of 4 tokens for 4 requests that grow to 5 blocks each: the newest are preempted, released on
+    the shard, queued at the front and recomputed; every stream gets exactly the undisturbed tokens, in order,
+    each once, and its text is the text of those tokens."""
+    scheduler, shard = make(tokenizer, num_blocks=12, block_size=4, prefix_caching=False)
+    seqs = [scheduler.submit(request(prompt(50 + i, 6), 14, stop_sequences=("never",))) for i in range(4)]
+    outputs = run(scheduler, shard)
+    assert scheduler.stats["preempted"] > 0
+    for seq in seqs:
+        items = outputs[seq]
+        assert tokens_of(items) == reference(seq.request.input_ids, 14)
+        assert items[-1].end.generated_text == "".join(i.token.text for i in items)
+        assert items[-1].end.finish_reason == "length" and items[-1].end.generated_tokens == 14
+    assert scheduler.blocks.used_blocks == 0 and not shard.held
+
+
+def test_cancellation_releases_within_one_step(tokenizer):
+    scheduler, shard = make(tokenizer)
+    running = scheduler.submit(request(prompt(60, 5), 50))
+    plan = scheduler.schedule()
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    waiting_one = scheduler.submit(request(prompt(61, 5), 50))
+    scheduler.cancel(waiting_one)
+    assert waiting_one.finished and scheduler.queue_size == 0
+    scheduler.cancel(running)
+    plan = scheduler.schedule()
+    assert plan.released == (running.id,) and not plan.chunks and scheduler.blocks.used_blocks == 0
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    assert not shard.held and scheduler.schedule() is None
+
+
+def test_stop_sequences_and_eos(tokenizer):
+    scheduler, shard = make(tokenizer)
+    probe = scheduler.submit(request(prompt(70, 4), 12))
+    text = "".join(i.token.text for i in run(scheduler, shard)[probe])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    seq = scheduler.submit(request(prompt(70, 4), 12, stop_sequences=(stop,)))
+    plan = scheduler.schedule()
+    items = []
+    while plan is not None and not seq.finished:
+        items += [item for _, item in scheduler.update(plan, shard.step(plan.to_pb()))]
+        plan = scheduler.schedule()
+    end = items[-1].end
+    assert end.finish_reason == "stop_sequence" and stop in end.generated_text and len(items) < 12
+    assert plan is not None and plan.released == (seq.id,)  # the router ended it: the shard must forget it
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    assert not shard.held
+    eos = scheduler.submit(request(prompt(71, 4), 12))
+    shard.finish_at[eos.id] = 4 + 3  # the shard's model emits EOS as the 3rd token
+    items = run(scheduler, shard)[eos]
+    assert items[-1].end.finish_reason == "eos_token" and len(items) == 3 and items[-1].token.text == ""
+    assert not shard.held and scheduler.schedule() is None  # the shard forgot it itself: nothing to release
+
+
+def test_a_failed_step_fails_its_requests_and_the_next_plan_cleans_up(tokenizer):
+    scheduler, shard = make(tokenizer)
+    old = scheduler.submit(request(prompt(80, 5), 20))
+    plan = scheduler.schedule()
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    new = scheduler.submit(request(prompt(81, 5), 20))
+    plan = scheduler.schedule()
+    outputs = scheduler.fail(plan, GenerationError("the shard refused the step"))
+    assert {seq for seq, _ in outputs} == {old, new} and all(isinstance(e, GenerationError) for _, e in outputs)
+    plan = scheduler.schedule()
+    assert plan.released == (old.id,) and not plan.chunks  # new was never held by the shard
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    assert not shard.held and scheduler.blocks.used_blocks == 0
+
+
+def test_a_request_that_can_never_fit_is_refused_at_once(tokenizer):
+    scheduler, _ = make(tokenizer, num_blocks=4, block_size=4)
+    with pytest.raises(GenerationError, match="needs 5 KV blocks .* only has 4 blocks"):
+        scheduler.submit(request(prompt(90, 10), 10))
+
+
+def test_many_requests_with_scarce_blocks_and_a_small_budget(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=20, block_size=4, budget=9)
+    seqs = [scheduler.submit(request(prompt(100 + i, 3 + i % 11), 4 + i % 7)) for i in range(24)]
+    outputs = run(scheduler, shard)
+    for seq in seqs:
+        assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, seq.request.max_new_tokens)
+    assert scheduler.blocks.used_blocks == 0 and not shard.held and scheduler.stats["max_running"] > 3
+
+
+# ----- Infer: the loop around the planner --------------------------------------------------------------------
+
+
+class MirrorClient:
+    """The mirror behind an async `step`, as the router's ShardedClient offers it."""
+
+    def __init__(self, shard: ShardMirror, delay: float = 0.0, fail: bool = False):
+        self.shard, self.delay, self.fail = shard, delay, fail
+
+    async def step(self, request_pb):
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise GenerationError("shard 0 Step failed (INVALID_ARGUMENT): bad plan")
+        return StepResult(generations=list(self.shard.step(request_pb).generations), forward_ns=1, decode_ns=1)
+
+    async def health(self):
+        return None
+
+
+def arun(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+def test_infer_streams_tokens_and_ends_on_the_last(tokenizer):
     async def main():
-        shard, allocator, scheduler, infer = make(max_batch_prefill_tokens=25)
-        scheduler.start()
-        reqs = [request(prompt(i, 10), 3) for i in range(5)]
-        results = await asyncio.gather(*(collect(infer, r) for r in reqs))
-        await scheduler.stop()
-        return shard, allocator, reqs, results
+        scheduler, shard = make(tokenizer)
+        infer = Infer(scheduler, MirrorClient(shard), max_concurrent_requests=8)
+        infer.start()
+        try:
+            results = await asyncio.gather(*(infer.generate(request(prompt(i, 6), 9)) for i in range(6)))
+        finally:
+            await infer.stop()
+        for i, (tokens, end) in enumerate(results):
+            assert [t.token.id for t in tokens] == reference(prompt(i, 6), 9)
+            assert all(t.end is None for t in tokens[:-1]) and tokens[-1].end is end
+            assert end.generated_text == "".join(t.token.text for t in tokens)
 
-    shard, allocator, reqs, results = run(main())
-    for r, (ids, end) in zip(reqs, results):
-        assert ids == reference(r.input_ids, 3)
-        assert end.generated_tokens == 3 and end.finish_reason == "length" and end.input_length == 10
-        assert end.generated_text == "".join(f"<{t}>" for t in ids)
-    order = [r.id for batch in shard.prefills for r in batch]
-    assert order == sorted(order), "requests are prefilled in FIFO order"
-    assert all(sum(len(r.input_ids) for r in batch) <= 25 for batch in shard.prefills)
-    assert [len(b) for b in shard.prefills][0] == 2
-    assert allocator.free_blocks == allocator.num_blocks and not shard.batches
+    arun(main())
 
 
-def test_waiting_served_ratio_and_max_waiting_tokens():
-    """A lone newcomer waits while it is fewer than ratio × running, until max_waiting_tokens steps passed."""
-
-    async def main(newcomers):
-        shard, allocator, scheduler, infer = make(
-            num_blocks=256, waiting_served_ratio=0.3, max_waiting_tokens=6
-        )
-        scheduler.start()
-        running = [asyncio.ensure_future(collect(infer, request(prompt(i, 4), 30))) for i in range(10)]
-        late: list = []
-
-        def on_decode(n):
-            if n == 2:  # submitted while decode 2 runs
-                late.extend(infer.stream(request(prompt(100 + k, 4), 3)) for k in range(newcomers))
-
-        async def drain(stream):
-            return [item async for item in stream]
-
-        shard.on_decode = on_decode
-        await asyncio.gather(*running)
-        for stream in late:
-            assert isinstance((await drain(stream))[-1], StreamEnd)
-        await scheduler.stop()
-        return shard
-
-    # one newcomer < floor(10 × 0.3) = 3: it joins only once 6 decode steps passed since the last prefill
-    shard = run(main(1))
-    prefill_positions = [i for i, c in enumerate(shard.calls) if c[0] == "prefill"]
-    assert len(prefill_positions) == 2
-    decodes_before = sum(1 for c in shard.calls[: prefill_positions[1]] if c[0] == "decode")
-    assert decodes_before == 6 - 1  # waiting_tokens is 1 after the prefill, +1 per decode
-    # the newcomer was prefilled alone, then decoded together with the running batch
-    assert len(shard.prefills[1]) == 1
-    next_decode = next(c for c in shard.calls[prefill_positions[1]:] if c[0] == "decode")
-    assert len(next_decode[1]) == 2
-
-    # three newcomers >= 3: they join at the very next step
-    shard = run(main(3))
-    prefill_positions = [i for i, c in enumerate(shard.calls) if c[0] == "prefill"]
-    decodes_before = sum(1 for c in shard.calls[: prefill_positions[1]] if c[0] == "decode")
-    assert decodes_before == 3  # decodes 0, 1, 2 (the newcomers arrive during decode 2)
-    assert len(shard.prefills[1]) == 3
-
-
-def test_lazy_block_growth_with_extensions():
+def test_overloaded_before_anything_is_yielded_and_closed_streams_cancel(tokenizer):
     async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=16, block_size=4)
-        scheduler.start()
-        ids, end = await collect(infer, request(prompt(1, 5), 10))
-        await scheduler.stop()
-        return shard, allocator, ids, end
+        scheduler, shard = make(tokenizer)
+        infer = Infer(scheduler, MirrorClient(shard, delay=0.01), max_concurrent_requests=2)
+        infer.start()
+        try:
+            first = infer.stream(request(prompt(1, 4), 200))
+            second = infer.stream(request(prompt(2, 4), 200))
+            with pytest.raises(OverloadedError):
+                infer.stream(request(prompt(3, 4), 5))
+            async with contextlib.aclosing(first) as stream:
+                async for _ in stream:
+                    break  # the client disconnects after one token
+            await second.aclose()
+            assert await infer.wait_idle(5)
+            for _ in range(50):
+                if not shard.held and scheduler.blocks.used_blocks == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert not shard.held and scheduler.blocks.used_blocks == 0
+        finally:
+            await infer.stop()
 
-    shard, allocator, ids, end = run(main())
-    assert ids == reference(prompt(1, 5), 10)
-    assert len(shard.prefills[0][0].blocks) == 2  # ceil(5 / 4): the prompt only
-    # the sequence has 6 tokens before the first decode (position 5 is in block 1), a 3rd block is needed at
-    # length 9 (position 8), a 4th at length 13 (position 12); the last token (length 15) is never written
-    grown_at = [n for n, (_, ext) in enumerate(shard.decodes) if ext]
-    assert grown_at == [3, 7], shard.decodes
-    assert shard.max_live_blocks == 4
-    assert allocator.free_blocks == 16
+    arun(main())
 
 
-def test_preemption_when_blocks_are_scarce():
+def test_a_failing_step_fails_its_streams_and_the_loop_goes_on(tokenizer):
     async def main():
-        # 8 blocks of 4 = 32 tokens; each request ends at 4 + 12 - 1 = 15 positions = 4 blocks: 3 cannot share
-        shard, allocator, scheduler, infer = make(num_blocks=8, block_size=4)
-        scheduler.start()
-        before = metrics.request_preempted._value.get()
-        reqs = [request(prompt(i, 4), 12) for i in range(3)]
-        streamed = {}
+        scheduler, shard = make(tokenizer)
+        client = MirrorClient(shard, fail=True)
+        infer = Infer(scheduler, client, max_concurrent_requests=8)
+        infer.start()
+        try:
+            with pytest.raises(GenerationError, match="bad plan"):
+                await infer.generate(request(prompt(1, 4), 5))
+            client.fail = False
+            tokens, end = await infer.generate(request(prompt(2, 4), 5))
+            assert [t.token.id for t in tokens] == reference(prompt(2, 4), 5) and end.finish_reason == "length"
+        finally:
+            await infer.stop()
 
-        async def consume(k, r):
-            tokens = []
-            async for item in infer.stream(r):
-                if isinstance(item, StreamEnd):
-                    streamed[k] = (tokens, item)
-                else:
-                    tokens.append(item.token.id)
-
-        await asyncio.gather(*(consume(k, r) for k, r in enumerate(reqs)))
-        stats = dict(scheduler.stats)
-        await scheduler.stop()
-        return shard, allocator, reqs, streamed, stats, metrics.request_preempted._value.get() - before
-
-    shard, allocator, reqs, streamed, stats, counted = run(main())
-    assert stats["preempted"] >= 1 and counted == stats["preempted"]
-    for k, r in enumerate(reqs):
-        tokens, end = streamed[k]
-        expected = reference(r.input_ids, 12)
-        assert tokens == expected, f"request {k}"
-        assert end.generated_tokens == 12 and end.finish_reason == "length"
-        assert end.input_length == 4
-        assert end.generated_text == "".join(f"<{t}>" for t in expected)
-    # some prefill re-sent an original prompt + what it had generated, asking only for what remains
-    requeued = [r for batch in shard.prefills for r in batch if len(r.input_ids) > 4]
-    assert requeued
-    for r in requeued:
-        original = next(q for q in reqs if tuple(r.input_ids[:4]) == q.input_ids)
-        generated = len(r.input_ids) - 4
-        assert list(r.input_ids[4:]) == reference(original.input_ids, 12)[:generated]
-        assert r.stopping_parameters.max_new_tokens == 12 - generated
-        assert not r.prefill_logprobs
-    assert shard.max_live_blocks <= 8
-    assert allocator.free_blocks == 8 and not shard.batches
-
-
-def test_preempted_request_keeps_prefill_only_once_and_stop_sequence_across_boundary():
-    """Prefill logprobs come with the first token only, even when the request is re-prefilled."""
-
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=8, block_size=4)
-        scheduler.start()
-        reqs = [request(prompt(i, 4), 12, prefill_logprobs=True) for i in range(3)]
-        out = []
-
-        async def consume(r):
-            items = [item async for item in infer.stream(r)]
-            out.append(items)
-
-        await asyncio.gather(*(consume(r) for r in reqs))
-        await scheduler.stop()
-        return out, scheduler.stats
-
-    out, stats = run(main())
-    assert stats["preempted"] >= 1
-    for items in out:
-        tokens = [i for i in items if isinstance(i, StreamToken)]
-        assert tokens[0].prefill is not None and len(tokens[0].prefill) == 4
-        assert tokens[0].prefill[0].logprob is None
-        assert all(t.prefill is None for t in tokens[1:])
-        assert isinstance(items[-1], StreamEnd) and items[-1].generated_tokens == 12
-
-
-def test_cancellation_frees_blocks_within_one_step():
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=64, block_size=4)
-        scheduler.start()
-        other = asyncio.ensure_future(collect(infer, request(prompt(2, 4), 40)))
-        stream = infer.stream(request(prompt(1, 4), 200))
-        got = 0
-        async for item in stream:
-            got += 1
-            if got == 5:
-                break
-        await stream.aclose()
-        assert infer.active == 1
-        cancelled_id = stream._entry.id
-        n = len(shard.decodes)
-        while len(shard.decodes) < n + 2:
-            await asyncio.sleep(0)
-        live = shard.live()
-        ids, end = await other
-        await scheduler.stop()
-        return shard, allocator, live, ids, end, cancelled_id
-
-    shard, allocator, live, ids, end, cancelled = run(main())
-    assert cancelled not in live, "the cancelled request left the shard within one step"
-    assert any(c[0] in ("filter", "clear") for c in shard.calls)
-    assert ids == reference(prompt(2, 4), 40) and end.generated_tokens == 40
-    assert allocator.free_blocks == 64 and not shard.batches
-
-
-def test_cancel_while_queued_and_dropped_iterator():
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=64, block_size=4)
-        # not started yet: the request stays queued
-        stream = infer.stream(request(prompt(1, 4), 5))
-        assert scheduler.queue_size == 1
-        await stream.aclose()
-        assert scheduler.queue_size == 0 and infer.active == 0
-        stream = infer.stream(request(prompt(1, 4), 5))
-        del stream  # dropped without closing
-        assert scheduler.queue_size == 0 and infer.active == 0
-        scheduler.start()
-        ids, end = await collect(infer, request(prompt(3, 4), 5))
-        await scheduler.stop()
-        return shard, ids
-
-    shard, ids = run(main())
-    assert ids == reference(prompt(3, 4), 5)
-    assert len(shard.prefills) == 1
-
-
-def test_overloaded_before_anything_is_yielded():
-    async def main():
-        shard, allocator, scheduler, infer = make(max_concurrent=2)
-        a = infer.stream(request(prompt(1, 4), 5))
-        b = infer.stream(request(prompt(2, 4), 5))
-        with pytest.raises(OverloadedError):
-            infer.stream(request(prompt(3, 4), 5))
-        await a.aclose()
-        c = infer.stream(request(prompt(3, 4), 5))  # a slot is free again
-        scheduler.start()
-        results = [item async for item in b], [item async for item in c]
-        await scheduler.stop()
-        return results, infer.active
-
-    (b_items, c_items), active = run(main())
-    assert isinstance(b_items[-1], StreamEnd) and isinstance(c_items[-1], StreamEnd)
-    assert active == 0
-
-
-def test_prefill_error_fails_only_that_batch_and_the_loop_goes_on():
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=64, block_size=4)
-        shard.fail_prefill_if = lambda r: 999 in r.input_ids
-        scheduler.start()
-        running = asyncio.ensure_future(collect(infer, request(prompt(1, 4), 30)))
-        while not shard.decodes:
-            await asyncio.sleep(0)
-        with pytest.raises(GenerationError, match="poisoned prompt"):
-            await collect(infer, request([5, 999, 7], 10))
-        ids, end = await running
-        after = await collect(infer, request(prompt(3, 4), 4))
-        await scheduler.stop()
-        return shard, allocator, ids, after
-
-    shard, allocator, ids, after = run(main())
-    assert ids == reference(prompt(1, 4), 30)
-    assert after[0] == reference(prompt(3, 4), 4)
-    assert allocator.free_blocks == 64 and not shard.batches
-    assert any(c[0] == "clear" for c in shard.calls)
-
-
-def test_decode_error_fails_affected_requests_and_clears_their_batches():
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=64, block_size=4)
-        shard.fail_decode_at = 3
-        scheduler.start()
-        failing = [asyncio.ensure_future(collect(infer, request(prompt(i, 4), 20))) for i in range(3)]
-        results = await asyncio.gather(*failing, return_exceptions=True)
-        after = await collect(infer, request(prompt(7, 4), 6))
-        await scheduler.stop()
-        return shard, allocator, results, after
-
-    shard, allocator, results, after = run(main())
-    assert all(isinstance(r, GenerationError) and "injected" in str(r) for r in results), results
-    assert after[0] == reference(prompt(7, 4), 6)
-    assert allocator.free_blocks == 64 and not shard.batches
-    assert ("clear", 0) in shard.calls
-
-
-def test_request_that_can_never_fit_fails_clearly():
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=8, block_size=4)
-        scheduler.start()
-        with pytest.raises(GenerationError, match="can never run"):
-            infer.stream(request(prompt(1, 20), 14))  # 33 positions > 32
-        ok = await collect(infer, request(prompt(1, 20), 13))  # 32 positions: fits alone
-        await scheduler.stop()
-        return ok, infer.active
-
-    (ids, end), active = run(main())
-    assert ids == reference(prompt(1, 20), 13) and active == 0
-
-
-def test_many_concurrent_requests_with_scarce_blocks():
-    """Stress: 40 requests of various lengths through 24 blocks; all finish with the reference tokens."""
-
-    async def main():
-        shard, allocator, scheduler, infer = make(num_blocks=24, block_size=4, max_batch_prefill_tokens=32)
-        scheduler.start()
-        reqs = [request(prompt(i, 1 + i % 9), 1 + (i * 7) % 20) for i in range(40)]
-        results = await asyncio.gather(*(collect(infer, r) for r in reqs))
-        await scheduler.stop()
-        return shard, allocator, reqs, results, scheduler.stats
-
-    shard, allocator, reqs, results, stats = run(main())
-    for r, (ids, end) in zip(reqs, results):
-        assert ids == reference(r.input_ids, r.max_new_tokens)
-        assert end.generated_tokens == r.max_new_tokens
-    assert stats["preempted"] > 0
-    assert allocator.free_blocks == 24 and not shard.batches
+    arun(main())
 
 
 def test_router_core_does_not_import_torch():
@@ -552,8 +551,8 @@ def test_router_core_does_not_import_torch():
 
     code = (
         "import sys\n"
-        "import text_generation_router.scheduler, text_generation_router.allocator, text_generation_router.infer\n"
-        "import text_generation_router.client, text_generation_router.cli\n"
+        "import text_generation_router.scheduler, text_generation_router.block_manager, text_generation_router.infer\n"
+        "import text_generation_router.client, text_generation_router.cli, text_generation_router.text\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

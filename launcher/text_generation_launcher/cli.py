@@ -50,12 +50,25 @@ def main(
         None, "Longest prompt + generation in tokens. Default: the model's context length, capped by the KV cache.",
         "MAX_TOTAL_TOKENS",
     ),
-    max_batch_prefill_tokens: int = _option(None, "Most prompt tokens in one prefill. Default: chosen by the router.", "MAX_BATCH_PREFILL_TOKENS"),
+    max_batch_prefill_tokens: int = _option(
+        None, "Tokens one step computes at most: a token for every running request, then prompt chunks; longer "
+        "prompts are prefilled over several steps. Default: 4096 (capped at the KV cache).", "MAX_BATCH_PREFILL_TOKENS"
+    ),
     max_batch_total_tokens: int = _option(
         None, "Cap on the KV cache tokens the router uses (default: all that warmup found).", "MAX_BATCH_TOTAL_TOKENS"
     ),
-    waiting_served_ratio: float = _option(0.3, "Waiting/running ratio that lets new requests join the running batch.", "WAITING_SERVED_RATIO"),
-    max_waiting_tokens: int = _option(20, "Decode steps after which waiting requests join regardless.", "MAX_WAITING_TOKENS"),
+    prefix_caching: bool = typer.Option(
+        True, "--prefix-caching/--no-prefix-caching", envvar="PREFIX_CACHING", show_envvar=True,
+        help="Reuse the KV blocks of prompt prefixes seen before (PREFIX_CACHING=0 turns it off).",
+    ),
+    waiting_served_ratio: float = _option(
+        0.3, "Accepted for TGI compatibility, no effect: with chunked prefill new requests join every step.",
+        "WAITING_SERVED_RATIO",
+    ),
+    max_waiting_tokens: int = _option(
+        20, "Accepted for TGI compatibility, no effect: with chunked prefill new requests join every step.",
+        "MAX_WAITING_TOKENS",
+    ),
     max_client_batch_size: int = _option(4, "Most prompts in one /v1/completions request.", "MAX_CLIENT_BATCH_SIZE"),
     hostname: str = _option("0.0.0.0", "Address the HTTP and gRPC APIs listen on.", "HOSTNAME"),
     port: int = _option(3000, "HTTP port (TGI and OpenAI APIs).", "PORT"),
@@ -103,7 +116,7 @@ def main(
                 max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
                 max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
                 max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=max_batch_total_tokens,
-                waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
+                prefix_caching=prefix_caching, waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
                 max_client_batch_size=max_client_batch_size,
             ),
         )
@@ -271,8 +284,11 @@ def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_po
         "--json-output",
     ]
     for name, value in limits.items():
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            argv += [f"--{flag}", str(value)]
     return argv
 
 

@@ -4,7 +4,8 @@ transformers compiles the template in an `ImmutableSandboxedEnvironment(trim_blo
 with the `loopcontrols` extension, a `tojson` filter that keeps non-ASCII text, and the globals
 `raise_exception` and `strftime_now`; it renders with `messages`, `add_generation_prompt` and the special
 tokens (`bos_token`, `eos_token`, ...). The rendered text already holds the template's `bos_token`, so it is
-encoded with `add_special_tokens=False` (InternLM2's double-BOS trap, internlm2.md §5).
+encoded with `add_special_tokens=False`: encoding it with special tokens would give InternLM2 two BOS tokens,
+which changes its answers.
 """
 
 from __future__ import annotations
@@ -109,13 +110,13 @@ def encode_chat(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def im_end_stop(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> str | None:
-    """`<|im_end|>` when the tokenizer knows it and the shard does not already stop on its id, else None.
+def turn_end_id(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> int | None:
+    """The id of `<|im_end|>` when the tokenizer knows it and it is not already an EOS id, else None.
 
-    InternLM2 chat models end their turn with `<|im_end|>`; the shard adds its id to the EOS set for
-    InternLM2, so a stop sequence is only a fallback.
+    InternLM2 chat models end their turn with `<|im_end|>`; the shard counts its id among the EOS ids for
+    InternLM2, so this only matters for other models served with a ChatML template.
     """
     token_id = tokenizer.token_to_id(IM_END)
     if token_id is None or token_id in set(eos_token_ids):
         return None
-    return IM_END
+    return token_id

@@ -1,7 +1,7 @@
 """`text-generation-router`: connects to the shards, warms them up, schedules requests and serves the APIs.
 
-Start-up (TGI's order, tgi.md §1.4): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup,
-check the limits, build the RouterState, start the scheduler, then serve HTTP (uvicorn, the FastAPI app of
+Start-up (TGI's order): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup, check the
+limits, build the RouterState, start the step loop, then serve HTTP (uvicorn, the FastAPI app of
 `text_generation_router.http.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
 One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting, let in-flight requests finish
 (bounded by --graceful-termination-timeout), exit 0.
@@ -9,9 +9,11 @@ One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting, 
 Defaults derived from the model (stated here because TGI computes some of them in its launcher):
   * --max-total-tokens: min(max_position_embeddings, KV capacity after Warmup, --max-batch-total-tokens);
   * --max-input-tokens: max_total_tokens - 1;
-  * --max-batch-prefill-tokens: max(4096, max_input_tokens), capped at max_batch_total_tokens;
+  * --max-batch-prefill-tokens: 4096 (TGI's), capped at the KV capacity: the tokens one step computes. It may
+    be smaller than --max-input-tokens: longer prompts are prefilled in chunks over several steps;
   * --max-batch-total-tokens: the KV capacity from Warmup; a smaller value caps what the router uses
-    (whole blocks: floor(value / block_size) blocks), which forces preemption in tests.
+    (whole blocks: floor(value / block_size) blocks), which forces preemption in tests;
+  * --prefix-caching (env PREFIX_CACHING, default on): share the KV blocks of identical prompt prefixes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import typer
 from loguru import logger
 
 app = typer.Typer(add_completion=False, help="Router of the InternLM2 inference server (TGI-compatible APIs).")
+
+
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096  # TGI's
 
 
 class StartupError(Exception):
@@ -57,12 +62,21 @@ def main(
     max_total_tokens: Optional[int] = typer.Option(
         None, help="Default: min(max_position_embeddings, KV capacity)."
     ),
-    max_batch_prefill_tokens: Optional[int] = typer.Option(None, help="Default: max(4096, max_input_tokens)."),
+    max_batch_prefill_tokens: Optional[int] = typer.Option(
+        None, help="Tokens one step computes at most (decode tokens and prompt chunks). Default: 4096."
+    ),
     max_batch_total_tokens: Optional[int] = typer.Option(
         None, help="Cap on the KV capacity the router uses (default: all of it, from Warmup)."
     ),
-    waiting_served_ratio: float = typer.Option(0.3),
-    max_waiting_tokens: int = typer.Option(20),
+    prefix_caching: bool = typer.Option(
+        True, envvar="PREFIX_CACHING", help="Share the KV blocks of identical prompt prefixes (PREFIX_CACHING=0: off)."
+    ),
+    waiting_served_ratio: float = typer.Option(
+        0.3, help="Accepted for TGI compatibility; no effect: new requests join every step within the token budget."
+    ),
+    max_waiting_tokens: int = typer.Option(
+        20, help="Accepted for TGI compatibility; no effect: new requests join every step within the token budget."
+    ),
     max_client_batch_size: int = typer.Option(4),
     graceful_termination_timeout: float = typer.Option(60.0, help="Seconds in-flight requests get at shutdown."),
     json_output: bool = typer.Option(False, help="One JSON log record per line."),
@@ -101,13 +115,11 @@ async def connect_and_warm(o: dict):
     if user_batch_total is not None and user_total is None:
         warm_total = min(warm_total, user_batch_total)
     warm_input = user_input if user_input is not None else warm_total - 1
-    warm_prefill = user_prefill if user_prefill is not None else max(4096, warm_input)
+    warm_prefill = user_prefill if user_prefill is not None else DEFAULT_MAX_BATCH_PREFILL_TOKENS
     if warm_input < 1:
         raise StartupError(f"max_total_tokens ({warm_total}) leaves no room for a prompt")
-    if warm_prefill < warm_input:
-        raise StartupError(
-            f"--max-batch-prefill-tokens ({warm_prefill}) must be >= --max-input-tokens ({warm_input})"
-        )
+    if warm_prefill < 1:
+        raise StartupError(f"--max-batch-prefill-tokens must be >= 1, got {warm_prefill}")
     try:
         warm = await client.warmup(warm_input, warm_prefill, warm_total)
     except Exception as e:  # noqa: BLE001
@@ -124,13 +136,11 @@ async def connect_and_warm(o: dict):
     if user_total is None and user_input is not None:
         total = max(min(total, capacity), user_input + 1)
     max_input = user_input if user_input is not None else total - 1
-    prefill = user_prefill if user_prefill is not None else min(max(4096, max_input), capacity)
+    prefill = user_prefill if user_prefill is not None else min(DEFAULT_MAX_BATCH_PREFILL_TOKENS, capacity)
 
-    # TGI's start-up constraints
+    # TGI's start-up constraints (with chunked prefill: the step budget need not hold a whole prompt)
     if not max_input < total:
         raise StartupError(f"max_input_tokens ({max_input}) must be < max_total_tokens ({total})")
-    if prefill < max_input:
-        raise StartupError(f"max_batch_prefill_tokens ({prefill}) must be >= max_input_tokens ({max_input})")
     if prefill > capacity:
         raise StartupError(
             f"max_batch_prefill_tokens ({prefill}) must be <= max_batch_total_tokens ({capacity}, the KV capacity)"
@@ -152,6 +162,7 @@ async def connect_and_warm(o: dict):
         max_total_tokens=total,
         max_batch_prefill_tokens=prefill,
         max_batch_total_tokens=capacity,
+        prefix_caching=o["prefix_caching"],
         waiting_served_ratio=o["waiting_served_ratio"],
         max_waiting_tokens=o["max_waiting_tokens"],
         max_client_batch_size=o["max_client_batch_size"],
@@ -167,85 +178,39 @@ async def connect_and_warm(o: dict):
         max_position_embeddings=mpe,
         eos_token_ids=tuple(info.eos_token_ids),
         num_blocks=num_blocks,
+        dynamic_rope=info.dynamic_rope,
+        kernels=info.kernels,
     )
     return client, info, limits, shard
 
 
 def build_state(client, limits, shard, tokenizer, model_id: str, features=()):
-    """Scheduler, Infer, Validation and RouterState (the scheduler is not started)."""
-    from text_generation_router.allocator import BlockAllocator
+    """BlockManager, Scheduler, Infer, Validation and RouterState (the step loop is not started)."""
+    from text_generation_router.block_manager import BlockManager
     from text_generation_router.infer import Infer
     from text_generation_router.scheduler import Scheduler, SchedulerConfig
     from text_generation_router.types import RouterState
+    from text_generation_router.validation import Validation
 
     scheduler = Scheduler(
-        client,
-        BlockAllocator(shard.num_blocks, shard.block_size),
+        BlockManager(shard.num_blocks, shard.block_size, prefix_caching=limits.prefix_caching),
+        tokenizer,
         SchedulerConfig(
-            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
-            waiting_served_ratio=limits.waiting_served_ratio,
-            max_waiting_tokens=limits.max_waiting_tokens,
+            max_batch_tokens=limits.max_batch_prefill_tokens,
+            prefix_caching=limits.prefix_caching,
+            dynamic_rope_limit=shard.max_position_embeddings if shard.dynamic_rope else None,
         ),
-        tokenizer=tokenizer,
     )
-    infer = Infer(scheduler, limits.max_concurrent_requests)
-    infer.health_check = client.health
-    validation = None
-    try:
-        from text_generation_router.validation import Validation
-    except ImportError:
-        logger.warning("text_generation_router.validation is not available: requests are not validated")
-    else:
-        validation = Validation(tokenizer, limits)
+    infer = Infer(scheduler, client, limits.max_concurrent_requests)
     return RouterState(
         infer=infer,
-        validation=validation,
+        validation=Validation(tokenizer, limits),
         tokenizer=tokenizer,
         limits=limits,
         shard=shard,
         model_id=model_id,
         extra={"client": client, "scheduler": scheduler, "features": tuple(features)},
     )
-
-
-def fallback_app(state):
-    """A minimal HTTP API (GET /health, POST /generate) used only while `text_generation_router.http` does not
-    exist: enough for the stack's own smoke test."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
-
-    from text_generation_router.types import GenerationRequest, RouterError, SamplingParams
-
-    api = FastAPI()
-
-    @api.get("/health")
-    async def health():
-        ok = await state.infer.health()
-        return JSONResponse({} if ok else {"error": "unhealthy", "error_type": "healthcheck"}, 200 if ok else 503)
-
-    @api.post("/generate")
-    async def generate(body: dict):
-        params = body.get("parameters") or {}
-        ids = state.tokenizer.encode(body.get("inputs", ""))[-state.limits.max_input_tokens :]
-        max_new = min(int(params.get("max_new_tokens") or 20), state.limits.max_total_tokens - len(ids))
-        request = GenerationRequest(
-            input_ids=tuple(ids), parameters=SamplingParams(), max_new_tokens=max_new,
-            ignore_eos_token=bool(params.get("ignore_eos_token", False)),
-        )
-        try:
-            tokens, end = await state.infer.generate(request)
-        except RouterError as e:
-            return JSONResponse({"error": str(e), "error_type": e.error_type}, e.status)
-        return {
-            "generated_text": end.generated_text,
-            "details": {
-                "finish_reason": end.finish_reason,
-                "generated_tokens": end.generated_tokens,
-                "tokens": [{"id": t.token.id, "text": t.token.text} for t in tokens],
-            },
-        }
-
-    return api
 
 
 class _Uvicorn:
@@ -268,6 +233,8 @@ class _Uvicorn:
 
 
 async def run(o: dict) -> int:
+    from text_generation_router.grpc_api import serve_grpc
+    from text_generation_router.http import create_app
     from text_generation_server.utils.tokenizer import Tokenizer
 
     client, info, limits, shard = await connect_and_warm(o)
@@ -278,26 +245,12 @@ async def run(o: dict) -> int:
         raise StartupError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from None
     model_id = o["model_id"] or str(o["tokenizer_name"])
     state = build_state(client, limits, shard, tokenizer, model_id, features=info.features)
-    scheduler = state.extra["scheduler"]
-    scheduler.start()
-
-    try:
-        from text_generation_router.http import create_app
-    except ImportError:
-        logger.warning("text_generation_router.http is not available: serving only /health and a minimal /generate")
-        http_app = fallback_app(state)
-    else:
-        http_app = create_app(state)
-    server = _Uvicorn.make(http_app, o["hostname"], o["port"], o["graceful_termination_timeout"], o["json_output"])
-
-    grpc_server = None
-    if o["grpc_port"]:
-        try:
-            from text_generation_router.grpc_api import serve_grpc
-        except ImportError:
-            logger.warning("text_generation_router.grpc_api is not available: no public gRPC API")
-        else:
-            grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"])
+    infer = state.infer
+    infer.start()
+    server = _Uvicorn.make(
+        create_app(state), o["hostname"], o["port"], o["graceful_termination_timeout"], o["json_output"]
+    )
+    grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -317,7 +270,7 @@ async def run(o: dict) -> int:
     while not server.started:
         if serve_task.done():
             await serve_task
-            await scheduler.stop()
+            await infer.stop()
             raise StartupError(f"the HTTP server could not start on {o['hostname']}:{o['port']}")
         await asyncio.sleep(0.02)
     logger.info(
@@ -325,15 +278,16 @@ async def run(o: dict) -> int:
         + (f", gRPC {o['hostname']}:{o['grpc_port']}" if grpc_server is not None else "")
         + f"; {shard.architecture} {shard.dtype} on {shard.device_type} × {shard.world_size}, "
         f"KV {shard.num_blocks} blocks × {shard.block_size} tokens, max_input_tokens {limits.max_input_tokens}, "
-        f"max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens {limits.max_batch_prefill_tokens}"
+        f"max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens {limits.max_batch_prefill_tokens}, "
+        f"prefix caching {'on' if limits.prefix_caching else 'off'}, kernels {shard.kernels}"
     )
 
     await serve_task  # returns once should_exit is set and the HTTP connections are done (bounded)
     if grpc_server is not None:
         await grpc_server.stop(grace=o["graceful_termination_timeout"])
-    if not await state.infer.wait_idle(o["graceful_termination_timeout"]):
+    if not await infer.wait_idle(o["graceful_termination_timeout"]):
         logger.warning("in-flight requests did not finish in time; cancelling them")
-    await scheduler.stop()
+    await infer.stop()
     with contextlib.suppress(Exception):
         await client.close()
     logger.info("router stopped")

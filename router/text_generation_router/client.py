@@ -1,10 +1,8 @@
 """`ShardedClient`: the router's side of proto/generate.proto, over grpc.aio.
 
 Connects to the master shard's socket, asks it for every rank's URL (ServiceDiscovery) and keeps one channel
-per rank. Every model call goes to every rank at once (the ranks run the same batch together); generations and
-the batch handle come from rank 0. A failed call on any rank raises `GenerationError` with the shard's message.
-
-The scheduler only depends on the async methods below; tests replace this class with a fake that has them.
+per rank. Every model call goes to every rank at once (the ranks run the same step together); generations
+come from rank 0. A failed call on any rank raises `GenerationError` with the shard's message.
 """
 
 from __future__ import annotations
@@ -33,14 +31,12 @@ class ShardError(GenerationError):
 
 @dataclass
 class StepResult:
-    """What Prefill or Decode answered (rank 0's generations and batch; the slowest rank's times)."""
+    """What Step answered: rank 0's generations, the slowest rank's times."""
 
     generations: list  # list[pb.Generation]
-    batch: pb.CachedBatch | None
     forward_ns: int = 0
     decode_ns: int = 0
     total_ns: int = 0
-    concat_ns: int | None = None
 
 
 def _url_to_target(url: str) -> str:
@@ -118,9 +114,9 @@ class ShardedClient:
     async def health(self) -> None:
         await self._all("Health", pb.HealthRequest(), timeout=30)
 
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        await self._all("ClearCache", request)
+    async def clear_cache(self) -> None:
+        """Every rank forgets every request it holds."""
+        await self._all("ClearCache", pb.ClearCacheRequest())
 
     async def warmup(self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int) -> pb.WarmupResponse:
         """Warmup on every rank; the smallest KV cache any rank can hold."""
@@ -139,37 +135,11 @@ class ShardedClient:
             max_supported_total_tokens=smallest.num_blocks * smallest.block_size,
         )
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        answers = await self._all("Prefill", pb.PrefillRequest(batch=batch))
-        return self._step(answers)
-
-    async def decode(self, batches: list[pb.CachedBatch], extensions: dict[int, list[int]] | None = None) -> StepResult:
-        request = pb.DecodeRequest(
-            batches=batches,
-            extensions=[
-                pb.BlockTableExtension(request_id=rid, blocks=blocks) for rid, blocks in (extensions or {}).items()
-            ],
-        )
-        answers = await self._all("Decode", request)
-        return self._step(answers)
-
-    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
-        answers = await self._all("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids))
-        first = answers[0]
-        return first.batch if first.HasField("batch") else None
-
-    @staticmethod
-    def _step(answers: list) -> StepResult:
-        first = answers[0]
+    async def step(self, request: pb.StepRequest) -> StepResult:
+        answers = await self._all("Step", request)
         return StepResult(
-            generations=list(first.generations),
-            batch=first.batch if first.HasField("batch") else None,
+            generations=list(answers[0].generations),
             forward_ns=max(a.forward_ns for a in answers),
             decode_ns=max(a.decode_ns for a in answers),
             total_ns=max(a.total_ns for a in answers),
-            concat_ns=(
-                max(a.concat_ns for a in answers)
-                if hasattr(first, "concat_ns") and first.HasField("concat_ns")
-                else None
-            ),
         )

@@ -314,10 +314,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, plan: _Plan, tokens: list[StreamToken], end: StreamEnd | None, options: _Options
     ) -> Any:
         response = options.response
-        if end is not None:
-            text = end.generated_text
-        else:
-            text = self.state.tokenizer.decode([t.token.id for t in tokens], skip_special_tokens=True)
+        text = end.generated_text if end is not None else "".join(t.token.text for t in tokens)
         fields = self._stop_fields(plan, end, text, options)
         if fields["stop_reason"] == pb.STOP_SEQUENCE and not options.include_stop_sequence:
             text = _strip_stop(text, fields.get("stop_sequence"))
@@ -377,19 +374,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     raise item.error
                 end: StreamEnd | None = None
                 message = pb.GenerationResponse(input_token_count=len(plan.request.input_ids))
-                if isinstance(item, StreamToken):
+                if item is not None:
                     count += 1
-                    if not item.token.special:
-                        generated += item.token.text
+                    generated += item.token.text
                     if response.generated_tokens:
                         message.tokens.append(self._token_info(item.token, item.top_tokens, options))
-                    end = stream.take_end()  # the StreamEnd that came with the last token, if any
-                elif isinstance(item, StreamEnd):
-                    end = item
+                    end = item.end
                 last = end is not None or item is None
                 if last:
-                    if end is not None and end.generated_text.startswith(generated):
-                        generated = end.generated_text
                     stop_fields = self._stop_fields(plan, end, generated, options)
                     final_text = generated
                     if stop_fields["stop_reason"] == pb.STOP_SEQUENCE and not options.include_stop_sequence:
@@ -463,11 +455,10 @@ class _Failure:
 
 
 class _Pump:
-    """Reads one Infer stream into a local buffer, so that a reader can wait with a time limit (without
-    cancelling the Infer iterator mid-read) and see whether the StreamEnd arrived together with the last
-    token (the scheduler queues both in the same step)."""
+    """Reads one Infer stream into a local buffer, so that a reader can wait with a time limit without
+    cancelling the Infer iterator mid-read."""
 
-    def __init__(self, iterator: AsyncIterator[StreamToken | StreamEnd]):
+    def __init__(self, iterator: AsyncIterator[StreamToken]):
         self._iterator = iterator
         self._buffer: collections.deque = collections.deque()
         self._ready = asyncio.Event()
@@ -477,7 +468,7 @@ class _Pump:
         try:
             async for item in self._iterator:
                 self._push(item)
-                if isinstance(item, StreamEnd):
+                if item.end is not None:
                     return
             self._push(_Failure(GenerationError("the generation stream ended without a final message")))
         except Exception as error:  # noqa: BLE001 - handed to the reader
@@ -487,7 +478,7 @@ class _Pump:
         self._buffer.append(item)
         self._ready.set()
 
-    async def next(self, deadline: float | None) -> StreamToken | StreamEnd | _Failure | None:
+    async def next(self, deadline: float | None) -> StreamToken | _Failure | None:
         """The next item; None once `deadline` (event-loop time) passed with nothing new."""
         while not self._buffer:
             self._ready.clear()
@@ -502,11 +493,6 @@ class _Pump:
             except asyncio.TimeoutError:
                 return None
         return self._buffer.popleft()
-
-    def take_end(self) -> StreamEnd | None:
-        if self._buffer and isinstance(self._buffer[0], StreamEnd):
-            return self._buffer.popleft()
-        return None
 
     async def close(self) -> None:
         """Stop reading and close the Infer iterator (which cancels the request if it has not finished)."""
@@ -530,9 +516,9 @@ async def _collect(stream: _Pump, deadline: float | None) -> tuple[list[StreamTo
             return tokens, None
         if isinstance(item, _Failure):
             raise item.error
-        if isinstance(item, StreamEnd):
-            return tokens, item
         tokens.append(item)
+        if item.end is not None:
+            return tokens, item.end
 
 
 def _record_success(end: StreamEnd | None, generated_tokens: int, total_s: float) -> None:

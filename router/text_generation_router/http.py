@@ -1,5 +1,5 @@
-"""TGI's HTTP API (tgi.md §2) over a `RouterState`: generate, streams, compat route, info, health, metrics,
-tokenize and the OpenAI-compatible routes.
+"""TGI's HTTP API over a `RouterState`: generate, streams, compat route, info, health, metrics, tokenize and the
+OpenAI-compatible routes.
 
 Streams are Server-Sent Events written as `data:<json>\\n\\n` (no space after the colon). A client that
 disconnects mid-stream cancels its request: the response closes its event generator, which closes the
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import StreamingResponse
 
 from . import request_metrics
-from .chat import IM_END, encode_chat, im_end_stop, render_chat
+from .chat import encode_chat, render_chat, turn_end_id
 from .metrics import REGISTRY
 from .types import (
     GenerationError,
@@ -193,64 +193,22 @@ async def _aclose(iterator: Any) -> None:
 
 
 class TokenStream:
-    """Turns `Infer.stream`'s items (tokens, then a separate StreamEnd) into `Step`s whose last one carries
-    the end, as TGI's events do, without holding back tokens that cannot be the last one.
-
-    A token is held back only when it may end the request (max_new_tokens reached, an EOS id, a stop
-    sequence just completed); every other token goes out at once.
-    """
+    """`Infer.stream`'s tokens as numbered `Step`s; the scheduler marks the last one with its end."""
 
     def __init__(self, state: RouterState, request: GenerationRequest):
         self.state = state
         self.request = request
-        self.eos_ids = frozenset(state.shard.eos_token_ids)
-        self.text = ""
-
-    def _may_end(self, index: int, item: StreamToken) -> bool:
-        request = self.request
-        if index >= request.max_new_tokens:
-            return True
-        if item.token.id in self.eos_ids and not request.ignore_eos_token:
-            return True
-        if request.stop_sequences:
-            self.text += item.token.text
-            longest = max(len(s) for s in request.stop_sequences)
-            window = self.text[-(longest + len(item.token.text)) :]
-            self.text = self.text[-(2 * longest + 64) :]
-            if any(s in window for s in request.stop_sequences):
-                return True
-        return False
 
     async def __aiter__(self) -> AsyncIterator[Step]:
         iterator = self.state.infer.stream(self.request)
-        iterator = iterator.__aiter__() if hasattr(iterator, "__aiter__") else iterator
         index = 0
-        held: StreamToken | None = None
-        last_sent: StreamToken | None = None
         try:
-            while True:
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    raise IncompleteGeneration() from None
-                if isinstance(item, StreamEnd):
-                    if held is not None:
-                        yield Step(index, held, item)
-                    elif last_sent is not None:
-                        # the end came after a token we did not expect to be the last: repeat it with the end
-                        yield Step(index, last_sent, item)
-                    else:
-                        raise IncompleteGeneration()
-                    return
-                if held is not None:
-                    yield Step(index, held)
-                    last_sent, held = held, None
+            async for item in iterator:
                 index += 1
-                if self._may_end(index, item):
-                    held = item
-                else:
-                    yield Step(index, item)
-                    last_sent = item
+                yield Step(index, item, item.end)
+                if item.end is not None:
+                    return
+            raise IncompleteGeneration()
         finally:
             await _aclose(iterator)
 
@@ -323,10 +281,7 @@ def create_app(state: RouterState) -> FastAPI:
     validation: Validation = state.validation
     tokenizer = state.tokenizer
     limits = state.limits
-    im_end_id = tokenizer.token_to_id(IM_END) if hasattr(tokenizer, "token_to_id") else None
-    chat_extra_stop = (
-        im_end_stop(tokenizer, tuple(state.shard.eos_token_ids)) if tokenizer.chat_template else None
-    )
+    chat_turn_end = turn_end_id(tokenizer, tuple(state.shard.eos_token_ids))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -562,8 +517,8 @@ def create_app(state: RouterState) -> FastAPI:
             "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": state.model_id}],
         }
 
-    def chat_request(body: ChatRequest) -> tuple[GenerationRequest, bool]:
-        """The validated request for a chat, and whether `<|im_end|>` was added as a stop sequence."""
+    def chat_request(body: ChatRequest) -> GenerationRequest:
+        """The validated request for a chat; it also ends at the chat's end-of-turn token."""
         if body.tools and body.tool_choice != "none":
             raise ToolError("Tool error: tools are not supported by this server (no grammar support)")
         if body.response_format is not None:
@@ -597,17 +552,12 @@ def create_app(state: RouterState) -> FastAPI:
             details=True,
         )
         request = validation.validate(prompt, params, add_special_tokens=False, stream=body.stream)
-        added = False
-        if chat_extra_stop is not None and chat_extra_stop not in request.stop_sequences:
-            request = replace(request, stop_sequences=(*request.stop_sequences, chat_extra_stop))
-            added = True
-        return request, added
+        if chat_turn_end is not None:
+            request = replace(request, stop_token_ids=(*request.stop_token_ids, chat_turn_end))
+        return request
 
-    def chat_finish(end: StreamEnd, last: StreamToken | None, added_im_end: bool) -> str:
-        reason = end.finish_reason
-        if reason == "stop_sequence" and added_im_end and last is not None and last.token.id == im_end_id:
-            reason = "eos_token"
-        return "stop" if reason == "eos_token" else reason
+    def chat_finish(end: StreamEnd) -> str:
+        return "stop" if end.finish_reason == "eos_token" else end.finish_reason
 
     def logprobs_entry(item: StreamToken) -> dict:
         return {
@@ -632,7 +582,7 @@ def create_app(state: RouterState) -> FastAPI:
         finished = False
         steps = None
         try:
-            request, added = chat_request(body)
+            request = chat_request(body)
             steps = TokenStream(state, request).__aiter__()
             async for step in steps:
                 item = step.token
@@ -645,12 +595,9 @@ def create_app(state: RouterState) -> FastAPI:
                     "choices": [
                         {
                             "index": 0,
-                            "delta": {
-                                "role": "assistant",
-                                "content": "" if item.token.special else item.token.text,
-                            },
+                            "delta": {"role": "assistant", "content": item.token.text},
                             "logprobs": {"content": [logprobs_entry(item)]} if body.logprobs else None,
-                            "finish_reason": chat_finish(step.end, item, added) if step.end else None,
+                            "finish_reason": chat_finish(step.end) if step.end else None,
                         }
                     ],
                     "usage": None,
@@ -689,7 +636,7 @@ def create_app(state: RouterState) -> FastAPI:
         request_metrics.started()
         start = time.perf_counter()
         try:
-            request, added = chat_request(body)
+            request = chat_request(body)
             tokens, end = await state.infer.generate(request)
         except Exception as error:  # noqa: BLE001
             error = as_router_error(error)
@@ -707,7 +654,7 @@ def create_app(state: RouterState) -> FastAPI:
                     "index": 0,
                     "message": {"role": "assistant", "content": end.generated_text},
                     "logprobs": {"content": [logprobs_entry(t) for t in tokens]} if body.logprobs else None,
-                    "finish_reason": chat_finish(end, tokens[-1] if tokens else None, added),
+                    "finish_reason": chat_finish(end),
                 }
             ],
             "usage": usage_of(end),

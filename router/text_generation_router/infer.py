@@ -1,48 +1,60 @@
-"""`Infer`: what the front ends call to run a validated request (see types.py for the flow).
+"""`Infer`: the loop that runs the scheduler's plans on the shards, and what the front ends call.
 
     async with contextlib.aclosing(state.infer.stream(request)) as stream:   # OverloadedError raised here
-        async for item in stream:                                            # StreamToken ..., StreamEnd
+        async for item in stream:                                            # StreamToken, ..., the last with .end
             ...
+
+The loop is the only I/O around the planner:
+
+    while True:
+        plan = scheduler.schedule()                 # None: sleep until a request arrives or leaves
+        response = await client.step(plan.to_pb())  # every rank, one forward
+        outputs = scheduler.update(plan, response)  # or scheduler.fail(plan, error)
+        deliver outputs to the requests' streams
 
 `stream()` takes a concurrency slot and queues the request at once: it raises OverloadedError (or
 GenerationError for a request that can never fit the KV cache) before any iteration. Closing the iterator
-early, cancelling the task that iterates it, or dropping it cancels the request; its KV blocks are freed
-within one scheduler step. Request metrics (tgi_request_*) are the front ends' to record; StreamEnd carries
-queue_s and inference_s.
+early, cancelling the task that iterates it, or dropping it cancels the request; its KV blocks are let go with
+the next plan. Request metrics (tgi_request_*) are the front ends' to record; StreamEnd carries queue_s and
+inference_s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
-from text_generation_router.scheduler import Entry, Scheduler
-from text_generation_router.types import GenerationRequest, OverloadedError, StreamEnd, StreamToken
+from loguru import logger
+
+from text_generation_router import metrics
+from text_generation_router.scheduler import Output, Scheduler, Sequence, StepPlan
+from text_generation_router.types import GenerationError, GenerationRequest, OverloadedError, RouterError, StreamEnd, StreamToken
 
 
 class _Stream:
     """The async iterator `Infer.stream` returns."""
 
-    def __init__(self, infer: Infer, entry: Entry):
+    def __init__(self, infer: Infer, seq: Sequence):
         self._infer = infer
-        self._entry = entry
+        self._seq = seq
         self._closed = False
 
     def __aiter__(self) -> _Stream:
         return self
 
-    async def __anext__(self) -> StreamToken | StreamEnd:
+    async def __anext__(self) -> StreamToken:
         if self._closed:
             raise StopAsyncIteration
         try:
-            item = await self._entry.stream.get()
+            item = await self._seq.stream.get()
         except BaseException:  # cancelled while waiting: the client is gone
             self._close(cancel=True)
             raise
         if isinstance(item, BaseException):
             self._close(cancel=False)
             raise item
-        if isinstance(item, StreamEnd):
+        if item.end is not None:
             self._close(cancel=False)
         return item
 
@@ -54,7 +66,7 @@ class _Stream:
             return
         self._closed = True
         if cancel:
-            self._infer.scheduler.cancel(self._entry)
+            self._infer.cancel(self._seq)
         self._infer._release()
 
     def __del__(self) -> None:
@@ -66,40 +78,106 @@ class _Stream:
 
 
 class Infer:
-    def __init__(self, scheduler: Scheduler, max_concurrent_requests: int):
+    def __init__(self, scheduler: Scheduler, client, max_concurrent_requests: int):
         self.scheduler = scheduler
+        self.client = client  # anything with `async step(pb.StepRequest)` and `async health()`
         self.max_concurrent_requests = max_concurrent_requests
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.health_check = None  # async callable (the shards' Health), set by the CLI
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamToken | StreamEnd]:
+    # ----- the loop -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="infer-loop")
+
+    async def stop(self) -> None:
+        """Stop the loop; every request still waiting or running fails."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._deliver(self.scheduler.shutdown(GenerationError("the server is shutting down")))
+
+    async def _run(self) -> None:
+        while True:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await self._step(plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the loop must survive anything; fail what was running
+                logger.opt(exception=e).error(f"scheduler error: {type(e).__name__}: {e}")
+                outputs = self.scheduler.shutdown(GenerationError(f"internal router error: {type(e).__name__}: {e}"))
+            self._deliver(outputs)
+            await asyncio.sleep(0)  # let the front ends read what was delivered
+
+    async def _step(self, plan: StepPlan) -> list[Output]:
+        """One plan on the shards, with TGI's batch metrics; the outputs for the streams."""
+        method = plan.kind
+        metrics.batch_inference_count.labels(method).inc()
+        start = time.monotonic()
+        try:
+            response = await self.client.step(plan.to_pb())
+        except Exception as e:  # noqa: BLE001 - anything from the transport fails the step's requests
+            metrics.batch_inference_failure.labels(method).inc()
+            error = e if isinstance(e, RouterError) else GenerationError(f"{type(e).__name__}: {e}")
+            logger.error(f"step failed ({len(plan.chunks)} requests): {error}")
+            return self.scheduler.fail(plan, error)
+        metrics.batch_inference_success.labels(method).inc()
+        metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
+        if response.forward_ns:
+            metrics.batch_forward_duration.labels(method).observe(response.forward_ns / 1e9)
+            metrics.batch_decode_duration.labels(method).observe(response.decode_ns / 1e9)
+        return self.scheduler.update(plan, response)
+
+    def _deliver(self, outputs: list[Output]) -> None:
+        for seq, item in outputs:
+            if seq.stream is not None and not seq.cancelled:
+                seq.stream.put_nowait(item)
+
+    # ----- for the front ends ---------------------------------------------------------------------------
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamToken]:
         if self.active >= self.max_concurrent_requests:
             raise OverloadedError()
-        entry = self.scheduler.submit(request)  # GenerationError when it can never fit
+        seq = self.scheduler.submit(request)  # GenerationError when it can never fit
+        seq.stream = asyncio.Queue()
         self.active += 1
         self._idle.clear()
-        return _Stream(self, entry)
+        self._wake.set()
+        return _Stream(self, seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.cancel(seq)
+        self._wake.set()
 
     async def generate(self, request: GenerationRequest) -> tuple[list[StreamToken], StreamEnd]:
         tokens: list[StreamToken] = []
         stream = self.stream(request)
         try:
             async for item in stream:
-                if isinstance(item, StreamEnd):
-                    return tokens, item
                 tokens.append(item)
+                if item.end is not None:
+                    return tokens, item.end
         finally:
             await stream.aclose()
-        raise RuntimeError("the stream ended without a StreamEnd")
+        raise RuntimeError("the stream ended without a final token")
 
     async def health(self) -> bool:
-        """True when the shards answer Health (or there is nothing to ask)."""
-        if self.health_check is None:
-            return True
+        """True when the shards answer Health."""
         try:
-            await self.health_check()
+            await self.client.health()
             return True
         except Exception:  # noqa: BLE001
             return False

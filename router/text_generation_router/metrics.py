@@ -1,4 +1,4 @@
-"""Prometheus metrics with TGI's names (tgi.md §2.8), in the router's own registry (served at GET /metrics).
+"""Prometheus metrics with TGI's names, in the router's own registry (served at GET /metrics).
 
 The scheduler records batch and queue metrics, the front ends record request metrics.
 """
@@ -29,13 +29,18 @@ queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=REGISTRY)
 batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=REGISTRY)
 batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens held in the KV cache by the running batch", registry=REGISTRY)
 batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens", "KV cache capacity in tokens (after warmup)", registry=REGISTRY)
-batch_next_size = Histogram("tgi_batch_next_size", "Size of each new batch", buckets=TOKEN_BUCKETS, registry=REGISTRY)
+batch_next_size = Histogram("tgi_batch_next_size", "Requests admitted by a step", buckets=TOKEN_BUCKETS, registry=REGISTRY)
 batch_inference_count = Counter("tgi_batch_inference_count", "Shard calls", ["method"], registry=REGISTRY)
 batch_inference_success = Counter("tgi_batch_inference_success", "Shard calls that succeeded", ["method"], registry=REGISTRY)
 batch_inference_failure = Counter("tgi_batch_inference_failure", "Shard calls that failed", ["method"], registry=REGISTRY)
 batch_inference_duration = Histogram("tgi_batch_inference_duration", "Shard call time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
 batch_forward_duration = Histogram("tgi_batch_forward_duration", "Model forward time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
-batch_decode_duration = Histogram("tgi_batch_decode_duration", "Token choice and detokenization time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
-batch_filter_duration = Histogram("tgi_batch_filter_duration", "FilterBatch time (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
-batch_concat = Counter("tgi_batch_concat", "New batches joining the running one", ["reason"], registry=REGISTRY)
+batch_decode_duration = Histogram("tgi_batch_decode_duration", "Shard time outside the forward: token choice and bookkeeping (s)", ["method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
 request_preempted = Counter("tgi_request_preempted", "Running requests preempted for lack of KV blocks (recomputed later)", registry=REGISTRY)
+
+# The KV cache and the prefix cache (not TGI metrics: TGI exposes none for them).
+kv_blocks_total = Gauge("tgi_kv_blocks_total", "KV cache blocks (after warmup)", registry=REGISTRY)
+kv_blocks_used = Gauge("tgi_kv_blocks_used", "KV cache blocks held by requests", registry=REGISTRY)
+kv_blocks_cached = Gauge("tgi_kv_blocks_cached", "KV cache blocks holding a cached prefix (held or evictable)", registry=REGISTRY)
+prefix_cache_queries = Counter("tgi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=REGISTRY)
+prefix_cache_hits = Counter("tgi_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)", registry=REGISTRY)

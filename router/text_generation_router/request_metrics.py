@@ -1,4 +1,4 @@
-"""The per-request metrics a front end records (tgi.md §2.8), shared by the HTTP and public gRPC front ends.
+"""The per-request metrics a front end records (TGI's names), shared by the HTTP and public gRPC front ends.
 
 `Validation` records the validation duration, input length and max_new_tokens itself; a front end calls
 `started()` once per generation request, then either `succeeded(end, total_s)` or `failed(error)`.

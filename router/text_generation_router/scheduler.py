@@ -1,618 +1,539 @@
-"""Continuous batching: one asyncio task drives the shards (TGI's batching loop, tgi.md §2.9).
+"""The scheduler: a synchronous, torch-free planner that decides every step.
 
-    loop:
-      wait until the queue has requests
-      while batch = next_batch(prefill budget, free KV blocks):
-          Prefill(batch)                                 # every new request gets its first token
-          waiting_tokens = 1
-          while requests are running:
-              min_size = None if waiting_tokens >= max_waiting_tokens
-                         else floor(running * waiting_served_ratio)
-              if new = next_batch(min_size, ...):        # prefilled alone, then decoded with the others
-                  Prefill(new); waiting_tokens = 1
-              grow block tables (DecodeRequest.extensions), preempting when the cache is full
-              Decode(running batches)                    # the shard concatenates several batches
-              waiting_tokens += 1
+    plan = scheduler.schedule()              # who computes how many tokens, with which new KV blocks
+    response = await client.step(plan.to_pb())   # the shards run it as one forward (Infer's loop does the I/O)
+    outputs = scheduler.update(plan, response)   # tokens and ends, for the requests' streams
 
-After every Prefill/Decode each generation goes to its request's stream; finished, cancelled and
-router-stopped requests leave (FilterBatch, or ClearCache when none remain) and their blocks are freed.
+Every request is one `Sequence`: its tokens (prompt, then generated), how many of them are computed (their
+keys/values are in the cache), its blocks and its text. A step fills one token budget (`max_batch_tokens`,
+TGI's --max-batch-prefill-tokens) in this order:
 
-KV blocks are allocated lazily: a new request gets blocks for its prompt only; before each Decode a request
-whose next position (its length - 1) has no block gets one through `DecodeRequest.extensions`. When the cache
-has no block left for that, the most recently admitted running requests are preempted: filtered out of their
-batch, their blocks freed, and queued again at the front with prompt = original prompt + tokens generated so
-far and max_new_tokens = what remains. Their streams just continue; the final StreamEnd counts every token.
+  1. one token for every decoding request (oldest first);
+  2. the next prompt chunk of every running request still computing its prompt (oldest first);
+  3. waiting requests, in arrival order, each with as much of its prompt as the budget and the blocks allow.
 
-Torch-free: the shard is anything with ShardedClient's async methods (`prefill`, `decode`, `filter_batch`,
-`clear_cache`), answering with `generate_pb2` messages.
+So a prompt longer than the budget is prefilled over several steps while the running streams keep decoding,
+and new requests join the very next step: the old "prefill new requests, then decode" alternation, and with it
+TGI's --waiting-served-ratio and --max-waiting-tokens, has no role left. A request is only admitted while the
+running ones leave budget for it, so every running request can always decode.
+
+KV blocks come from the `BlockManager` as a request's tokens need them. With prefix caching a new request first
+takes the cached blocks its tokens start with and computes only the rest (at least its last token, whose logits
+it needs); a request that asks for prompt logprobs computes its whole prompt. Blocks a request fills are
+registered in the cache when its step is done. Under dynamic NTK (`dynamic_rope_limit`), keys of positions in
+a sequence longer than max_position_embeddings depend on the prompt's length, so that length is part of such a
+block's identity (blocks holding generated tokens past the limit are not cached at all).
+
+When a decoding request needs a block and none is free, the most recently admitted running requests are
+preempted: they let go of their blocks (blocks another request reads stay held), go back to the front of the
+queue with nothing computed, and are computed again later (prompt and generated tokens, finding whatever is
+still cached). Their streams just continue: tokens and text live in the Sequence, nothing is decoded again.
+
+The shard holds each request from its first step (the plan then carries it whole) until it reports a finish
+(length, EOS) or the router releases it (`StepPlan.released`: a stop sequence, a cancellation, a preemption).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from loguru import logger
+from typing import Any
 
 from text_generation_router import metrics
-from text_generation_router.allocator import BlockAllocator
+from text_generation_router.block_manager import BlockHash, BlockManager, block_hash
+from text_generation_router.text import TextStream
 from text_generation_router.types import (
     GenerationError,
     GenerationRequest,
-    RouterError,
     StreamEnd,
     StreamToken,
     Token,
 )
 from text_generation_server.pb import generate_pb2 as pb
 
-FINISH_REASONS = {0: "length", 1: "eos_token", 2: "stop_sequence"}
+SHARD_FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS_TOKEN: "eos_token"}
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_prefill_tokens: int = 4096
-    waiting_served_ratio: float = 0.3
-    max_waiting_tokens: int = 20
+    max_batch_tokens: int = 4096  # tokens one step computes at most (decode tokens and prompt chunks)
+    prefix_caching: bool = True
+    dynamic_rope_limit: int | None = None  # max_position_embeddings when the rope is dynamic NTK
 
 
 @dataclass(eq=False)
-class Entry:
-    """One request's life in the router: queued, running, maybe preempted and queued again, then done."""
+class Sequence:
+    """One request's life in the router: waiting, running (maybe preempted and waiting again), finished."""
 
-    id: int  # shard request id (kept across preemptions: the shard forgets it when it is filtered out)
+    id: int  # the shard's request id, kept across preemptions
     request: GenerationRequest
-    stream: asyncio.Queue  # StreamToken, then StreamEnd or an exception
+    text: TextStream
     queued_at: float
-    prompt: tuple[int, ...]  # what the next prefill sends: the original prompt + tokens generated before
-    generated_ids: list[int] = field(default_factory=list)
-    generated_texts: list[str] = field(default_factory=list)
-    generated_special: list[bool] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    started_at: float | None = None  # first prefill
+    token_ids: list[int]  # the prompt, then the generated tokens
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    blocks: list[int] = field(default_factory=list)  # block i holds positions [i·block_size, (i+1)·block_size)
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of blocks[: len(block_hashes)], full ones
+    prefix_hashes: list[BlockHash] = field(default_factory=list)  # its full blocks before its last token, at admission
+    hashes_stopped: bool = False  # a block could not be cached, so neither can any after it
+    blocks_on_shard: int = 0  # how many of `blocks` the shard's copy of the table holds
+    on_shard: bool = False  # the shard holds this request
     admitted_seq: int = 0  # larger: admitted more recently (preempted first)
+    started_at: float | None = None  # first step
     preemptions: int = 0
+    prefill: list[Token] = field(default_factory=list)  # prompt logprobs gathered over the prompt's chunks
+    prefill_sent: bool = False
     cancelled: bool = False
-    done: bool = False
-    text_tail: str = ""  # the end of the streamed text, for stop sequences across a preemption
+    finished: bool = False
+    stream: Any = None  # where Infer delivers this request's outputs
 
     @property
-    def length(self) -> int:
-        """Tokens of the sequence so far (prompt + generated); the next Decode writes position length - 1."""
-        return len(self.request.input_ids) + len(self.generated_ids)
+    def prompt_length(self) -> int:
+        return len(self.request.input_ids)
 
     @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.generated_ids)
+    def generated(self) -> int:
+        return len(self.token_ids) - self.prompt_length
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.uncomputed == 1 and self.generated > 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.request.prefill_logprobs and not self.prefill_sent
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One request's share of a step."""
+
+    seq: Sequence
+    start: int  # its first uncomputed position when planned
+    num_tokens: int
+    new_blocks: tuple[int, ...]  # blocks the shard's table gains before the step
+    new: bool  # the shard does not hold the request: the plan carries it whole
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[Chunk, ...]
+    released: tuple[int, ...]  # requests the shard forgets before the step
+    kind: str  # TGI's metric label: "prefill" when the step computes prompt tokens, else "decode"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def to_pb(self) -> pb.StepRequest:
+        return pb.StepRequest(released=self.released, requests=[_scheduled_pb(c) for c in self.chunks])
+
+
+def _scheduled_pb(chunk: Chunk) -> pb.ScheduledRequest:
+    scheduled = pb.ScheduledRequest(id=chunk.seq.id, num_tokens=chunk.num_tokens, new_blocks=chunk.new_blocks)
+    if chunk.new:
+        seq = chunk.seq
+        r, p = seq.request, seq.request.parameters
+        scheduled.new_request.CopyFrom(
+            pb.NewRequest(
+                token_ids=seq.token_ids,
+                prompt_length=seq.prompt_length,
+                num_cached_tokens=chunk.start,
+                parameters=pb.NextTokenChooserParameters(
+                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+                    do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                ),
+                stopping_parameters=pb.StoppingCriteriaParameters(
+                    max_new_tokens=r.max_new_tokens, ignore_eos_token=r.ignore_eos_token,
+                    stop_token_ids=r.stop_token_ids,
+                ),
+                prefill_logprobs=seq.wants_prompt_logprobs,
+                top_n_tokens=r.top_n_tokens,
+            )
+        )
+    return scheduled
+
+
+Output = tuple[Sequence, "StreamToken | Exception"]
 
 
 class Scheduler:
-    def __init__(
-        self,
-        client,
-        allocator: BlockAllocator,
-        config: SchedulerConfig = SchedulerConfig(),
-        tokenizer=None,
-    ):
-        self.client = client
-        self.allocator = allocator
-        self.block_size = allocator.block_size
+    def __init__(self, blocks: BlockManager, tokenizer: Any, config: SchedulerConfig = SchedulerConfig()):
+        if config.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {config.max_batch_tokens}")
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.tokenizer = tokenizer
         self.config = config
-        self.tokenizer = tokenizer  # decode(ids, skip_special_tokens=True) for preempted requests' final text
-        self._queue: deque[Entry] = deque()
-        self._running: dict[int, Entry] = {}  # request id -> entry, for every request the shards hold
-        self._batches: list[pb.CachedBatch] = []  # the shards' batches, decoded together
-        self._request_ids = itertools.count()
-        self._batch_ids = itertools.count()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # in admission order
+        self._released: list[int] = []  # request ids the next step tells the shard to forget
+        self._ids = itertools.count()
         self._admissions = itertools.count(1)
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self.stats = {
-            "prefill": 0,
-            "decode": 0,
-            "filter": 0,
-            "clear": 0,
-            "preempted": 0,
-            "failed": 0,
-            "max_running": 0,
-            "concat": 0,
-        }
-        metrics.batch_max_total_tokens.set(allocator.capacity_tokens)
+        self.stats = {"steps": 0, "preempted": 0, "failed": 0, "max_running": 0}
+        metrics.batch_max_total_tokens.set(blocks.capacity_tokens)
+        metrics.kv_blocks_total.set(blocks.num_blocks)
 
-    # ----- public ---------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for entry in [*self._queue, *self._running.values()]:
-            self._fail(entry, GenerationError("the server is shutting down"))
-        self._queue.clear()
+    # ----- requests -------------------------------------------------------------------------------------
 
     @property
     def queue_size(self) -> int:
-        return len(self._queue)
+        return len(self._waiting)
 
     @property
     def running_size(self) -> int:
         return len(self._running)
 
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._released)
+
     def blocks_needed(self, request: GenerationRequest) -> int:
         """Blocks a request holds at its longest: every position a step writes (the last token is not fed back)."""
-        return self.allocator.blocks_for(len(request.input_ids) + request.max_new_tokens - 1)
+        return self.blocks.blocks_for(len(request.input_ids) + request.max_new_tokens - 1)
 
-    def submit(self, request: GenerationRequest) -> Entry:
-        """Queue a request; its stream gets StreamTokens, then a StreamEnd (or an exception)."""
+    def submit(self, request: GenerationRequest) -> Sequence:
+        """Queue a request; raises GenerationError for one that could never run."""
         if not request.input_ids:
             raise GenerationError("the prompt is empty")
         if request.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         need = self.blocks_needed(request)
-        if need > self.allocator.num_blocks:
+        if need > self.blocks.num_blocks:
             raise GenerationError(
                 f"the request needs {need} KV blocks of {self.block_size} tokens "
                 f"({len(request.input_ids)} prompt + {request.max_new_tokens} new tokens) but the KV cache only "
-                f"has {self.allocator.num_blocks} blocks ({self.allocator.capacity_tokens} tokens): it can never run"
+                f"has {self.blocks.num_blocks} blocks ({self.blocks.capacity_tokens} tokens): it can never run"
             )
-        entry = Entry(
-            id=next(self._request_ids),
+        seq = Sequence(
+            id=next(self._ids),
             request=request,
-            stream=asyncio.Queue(),
+            text=TextStream(self.tokenizer, request.input_ids, request.stop_sequences),
             queued_at=time.monotonic(),
-            prompt=tuple(request.input_ids),
+            token_ids=list(request.input_ids),
         )
-        self._queue.append(entry)
-        metrics.queue_size.set(len(self._queue))
-        self._wake.set()
-        return entry
+        self._waiting.append(seq)
+        metrics.queue_size.set(len(self._waiting))
+        return seq
 
-    def cancel(self, entry: Entry) -> None:
-        """The client went away: a queued request leaves now, a running one at the end of the current step."""
-        if entry.done or entry.cancelled:
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: a waiting request leaves now, a running one with the next plan."""
+        if seq.finished or seq.cancelled:
             return
-        entry.cancelled = True
-        if entry.id not in self._running:
-            try:
-                self._queue.remove(entry)
-            except ValueError:
-                pass
-            entry.done = True
-            metrics.queue_size.set(len(self._queue))
-        self._wake.set()
+        seq.cancelled = True
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+            seq.finished = True
+            metrics.queue_size.set(len(self._waiting))
 
-    # ----- the loop -------------------------------------------------------------------------------------
+    # ----- planning -------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            try:
-                await self._serve_queue()
-                if self._queue and not self._running:
-                    # nothing fits although nothing runs (should not happen): wait for news instead of spinning
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), 0.05)
-                    except asyncio.TimeoutError:
-                        pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the loop must survive anything; fail what was running
-                logger.opt(exception=e).error(f"scheduler error: {type(e).__name__}: {e}")
-                await self._fail_all_running(GenerationError(f"internal router error: {type(e).__name__}: {e}"))
-            await asyncio.sleep(0)
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when there is nothing to do."""
+        for seq in [s for s in self._running if s.cancelled]:
+            self._retire(seq)
+        budget = self.config.max_batch_tokens
+        chunks: list[Chunk] = []
+        planned: set[int] = set()
 
-    async def _serve_queue(self) -> None:
-        while True:
-            batch = self._next_batch(min_size=None)
-            if batch is None:
-                return
-            await self._prefill(batch)
-            waiting_tokens = 1
-            while self._running:
-                running = len(self._running)
-                if waiting_tokens >= self.config.max_waiting_tokens:
-                    min_size, reason = None, "wait_exceeded"
+        for seq in list(self._running):  # 1. decoding requests: one token each
+            if seq in self._running and seq.is_decoding:
+                if self._make_room(seq, 1, planned):
+                    chunks.append(self._chunk(seq, 1))
+                    planned.add(seq.id)
+                    budget -= 1
                 else:
-                    min_size, reason = math.floor(running * self.config.waiting_served_ratio), "backpressure"
-                new = self._next_batch(min_size=min_size)
-                if new is not None:
-                    metrics.batch_concat.labels(reason).inc()
-                    self.stats["concat"] += 1
-                    await self._prefill(new)
-                    waiting_tokens = 1
-                if not self._running:
-                    break
-                extensions = await self._grow_blocks()
-                if not self._running:
-                    break
-                await self._decode(extensions)
-                waiting_tokens += 1
+                    self._preempt(seq)
 
-    # ----- batches --------------------------------------------------------------------------------------
-
-    def _growth_reserve(self) -> int:
-        """Blocks the running requests need before their next Decode."""
-        return sum(max(self.allocator.blocks_for(e.length) - len(e.blocks), 0) for e in self._running.values())
-
-    def _next_batch(self, min_size: int | None) -> list[Entry] | None:
-        """FIFO: take queued requests while the prefill budget and the free blocks allow; the first that does
-        not fit stops the batch (nothing is skipped over)."""
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft().done = True
-        if not self._queue:
-            return None
-        if min_size is not None and len(self._queue) < min_size:
-            return None
-        budget = self.config.max_batch_prefill_tokens
-        free = self.allocator.free_blocks - self._growth_reserve()
-        chosen: list[Entry] = []
-        tokens = blocks = 0
-        for entry in self._queue:
-            if entry.cancelled:
-                continue
-            length = len(entry.prompt)
-            # blocks for the prompt and for the first Decode's position (when there is one)
-            need = self.allocator.blocks_for(length + (1 if entry.remaining > 1 else 0))
-            if chosen and tokens + length > budget:
+        for seq in list(self._running):  # 2. running requests still computing their prompt
+            if budget == 0:
                 break
-            if blocks + need > free:
+            if seq in self._running and seq.id not in planned:
+                count = self._chunk_size(seq, budget, planned)
+                if count:
+                    chunks.append(self._chunk(seq, count))
+                    planned.add(seq.id)
+                    budget -= count
+
+        admitted = 0
+        while budget > 0 and self._waiting:  # 3. waiting requests, in order; the first that does not fit waits
+            seq = self._waiting[0]
+            count = self._admit(seq, budget)
+            if count == 0:
                 break
-            chosen.append(entry)
-            tokens += length
-            blocks += need
-        if not chosen or (min_size is not None and len(chosen) < min_size):
+            self._waiting.popleft()
+            chunks.append(self._chunk(seq, count))
+            budget -= count
+            admitted += 1
+        if admitted:
+            metrics.batch_next_size.observe(admitted)
+
+        released, self._released = tuple(self._released), []
+        self._update_gauges()
+        if not chunks and not released:
             return None
-        chosen_set = set(map(id, chosen))
-        self._queue = deque(e for e in self._queue if id(e) not in chosen_set and not e.cancelled)
-        metrics.queue_size.set(len(self._queue))
-        for entry in chosen:
-            entry.blocks = self.allocator.allocate(self.allocator.blocks_for(len(entry.prompt)))
-            assert entry.blocks is not None, "free blocks were counted before"
-        return chosen
-
-    def _request_pb(self, entry: Entry) -> pb.Request:
-        r, p = entry.request, entry.request.parameters
-        return pb.Request(
-            id=entry.id,
-            input_ids=entry.prompt,
-            parameters=pb.NextTokenChooserParameters(
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                typical_p=p.typical_p,
-                do_sample=p.do_sample,
-                seed=p.seed,
-                repetition_penalty=p.repetition_penalty,
-                frequency_penalty=p.frequency_penalty,
-            ),
-            stopping_parameters=pb.StoppingCriteriaParameters(
-                max_new_tokens=entry.remaining,
-                stop_sequences=r.stop_sequences,
-                ignore_eos_token=r.ignore_eos_token,
-            ),
-            prefill_logprobs=r.prefill_logprobs and entry.preemptions == 0,
-            top_n_tokens=r.top_n_tokens,
-            blocks=entry.blocks,
-        )
-
-    async def _prefill(self, entries: list[Entry]) -> None:
-        batch_id = next(self._batch_ids)
-        now = time.monotonic()
-        for entry in entries:
-            entry.admitted_seq = next(self._admissions)
-            if entry.started_at is None:
-                entry.started_at = now
-            self._running[entry.id] = entry
-        metrics.batch_next_size.observe(len(entries))
+        self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
-        batch = pb.Batch(id=batch_id, requests=[self._request_pb(e) for e in entries])
-        result = await self._call("prefill", self.client.prefill(batch), failing=entries, clear=[batch_id])
-        if result is None:
-            return
-        self.stats["prefill"] += 1
-        stepped = [batch.id]
-        await self._after_step(result, stepped)
+        kind = "decode" if all(c.seq.is_decoding for c in chunks) else "prefill"
+        return StepPlan(tuple(chunks), released, kind)
 
-    async def _decode(self, extensions: dict[int, list[int]]) -> None:
-        batches = list(self._batches)
-        entries = list(self._running.values())
-        result = await self._call(
-            "decode", self.client.decode(batches, extensions), failing=entries, clear=[b.id for b in batches]
-        )
-        if result is None:
-            return
-        self.stats["decode"] += 1
-        await self._after_step(result, [b.id for b in batches])
+    def _chunk(self, seq: Sequence, count: int) -> Chunk:
+        chunk = Chunk(seq, seq.num_computed, count, tuple(seq.blocks[seq.blocks_on_shard :]), not seq.on_shard)
+        assert len(seq.blocks) * self.block_size >= seq.num_computed + count, "blocks were made room for"
+        return chunk
 
-    async def _call(self, method: str, call, failing: list[Entry], clear: list[int]):
-        """A Prefill/Decode with its metrics; on error the requests of its batches fail and the batches are
-        cleared on the shards. None on error."""
-        metrics.batch_inference_count.labels(method).inc()
-        start = time.monotonic()
-        try:
-            result = await call
-        except RouterError as e:
-            metrics.batch_inference_failure.labels(method).inc()
-            logger.error(f"{method} failed: {e}")
-            await self._drop_batches(clear, failing, e)
-            return None
-        except Exception as e:  # noqa: BLE001 - anything from the transport is a generation error
-            metrics.batch_inference_failure.labels(method).inc()
-            logger.opt(exception=e).error(f"{method} failed: {type(e).__name__}: {e}")
-            await self._drop_batches(clear, failing, GenerationError(f"{method} failed: {type(e).__name__}: {e}"))
-            return None
-        metrics.batch_inference_success.labels(method).inc()
-        metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
-        if getattr(result, "forward_ns", 0):
-            metrics.batch_forward_duration.labels(method).observe(result.forward_ns / 1e9)
-        if getattr(result, "decode_ns", 0):
-            metrics.batch_decode_duration.labels(method).observe(result.decode_ns / 1e9)
-        return result
+    def _blocks_short(self, seq: Sequence, count: int) -> int:
+        """Blocks `seq` still needs to compute `count` more tokens."""
+        return self.blocks.blocks_for(seq.num_computed + count) - len(seq.blocks)
 
-    async def _drop_batches(self, batch_ids: list[int], entries: list[Entry], error: Exception) -> None:
-        """Fail `entries` and forget `batch_ids` on the shards (errors while clearing are only logged)."""
-        for entry in entries:
-            self._fail(entry, error)
-        dropped = set(batch_ids)
-        self._batches = [b for b in self._batches if b.id not in dropped]
-        for batch_id in batch_ids:
-            try:
-                await self.client.clear_cache(batch_id)
-                self.stats["clear"] += 1
-            except Exception as e:  # noqa: BLE001
-                logger.warning(f"ClearCache({batch_id}) after an error failed too: {e}")
-        self._update_gauges()
-
-    async def _after_step(self, result, stepped: list[int]) -> None:
-        """Forward generations, then drop finished/cancelled requests from the batch the step produced."""
-        for generation in result.generations:
-            entry = self._running.get(generation.request_id)
-            if entry is not None and not entry.done:
-                self._forward(entry, generation)
-        stepped_set = set(stepped)
-        self._batches = [b for b in self._batches if b.id not in stepped_set]
-        if result.batch is not None:
-            self._batches.append(result.batch)
-        # the requests the shards still hold
-        held: set[int] = set()
-        for batch in self._batches:
-            held.update(batch.request_ids)
-        for rid in [rid for rid in self._running if rid not in held]:
-            entry = self._running.pop(rid)
-            self._release(entry)
-            if not entry.done:  # the shard dropped a request without telling why
-                self._fail(entry, GenerationError(f"the shard dropped request {rid} without finishing it"))
-        await self._filter()
-
-    async def _filter(self, also_remove: set[int] = frozenset()) -> None:
-        """FilterBatch (or ClearCache) every batch holding a finished, cancelled or removed request."""
-        kept_batches = []
-        for batch in self._batches:
-            ids = list(batch.request_ids)
-            keep = [
-                rid for rid in ids
-                if rid in self._running
-                and not (self._running[rid].done or self._running[rid].cancelled)
-                and rid not in also_remove
+    def _make_room(self, seq: Sequence, count: int, planned: set[int]) -> bool:
+        """Give `seq` the blocks for `count` more tokens, preempting running requests admitted after it (the
+        newest first) that this step has not planned; False when even that is not enough."""
+        short = self._blocks_short(seq, count)
+        while short > self.blocks.free_blocks:
+            victims = [
+                s for s in self._running if s.admitted_seq > seq.admitted_seq and s.id not in planned
             ]
-            if len(keep) == len(ids):
-                kept_batches.append(batch)
-                continue
-            removed = [self._running.pop(rid) for rid in ids if rid not in keep and rid in self._running]
-            start = time.monotonic()
-            try:
-                if keep:
-                    filtered = await self.client.filter_batch(batch.id, keep)
-                    self.stats["filter"] += 1
-                else:
-                    await self.client.clear_cache(batch.id)
-                    self.stats["clear"] += 1
-                    filtered = None
-            except Exception as e:  # noqa: BLE001
-                error = e if isinstance(e, RouterError) else GenerationError(f"FilterBatch failed: {e}")
-                logger.error(f"FilterBatch({batch.id}) failed: {error}")
-                # every request of the batch fails (a preempted one too); _fail frees blocks, skips done ones
-                for entry in [*removed, *(self._running.pop(rid) for rid in keep if rid in self._running)]:
-                    self._release(entry)
-                    self._fail(entry, error)
-                try:
-                    await self.client.clear_cache(batch.id)
-                except Exception:  # noqa: BLE001
-                    pass
-                continue
-            metrics.batch_filter_duration.labels("filter" if keep else "clear").observe(time.monotonic() - start)
-            for entry in removed:
-                self._release(entry)
-                if entry.cancelled:
-                    entry.done = True
-            if filtered is not None:
-                kept_batches.append(filtered)
-        self._batches = kept_batches
-        self._update_gauges()
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda s: s.admitted_seq))
+        if short > 0:
+            seq.blocks.extend(self.blocks.allocate(short))
+        return True
 
-    # ----- KV blocks ------------------------------------------------------------------------------------
+    def _chunk_size(self, seq: Sequence, budget: int, planned: set[int]) -> int:
+        """How much of its prompt a running request computes this step (its blocks allocated); 0: none."""
+        count = min(seq.uncomputed, budget)
+        if not self._make_room(seq, count, planned):
+            # as much as the free blocks hold; then making room preempts nobody
+            count = min(count, (len(seq.blocks) + self.blocks.free_blocks) * self.block_size - seq.num_computed)
+            if count <= 0 or not self._make_room(seq, count, planned):
+                return 0
+        return count
 
-    async def _grow_blocks(self) -> dict[int, list[int]]:
-        """One more block for every running request whose next position has none, preempting the most
-        recently admitted requests while the cache cannot hold them all. Returns the Decode extensions."""
-        def needs() -> dict[int, int]:
-            out = {}
-            for entry in self._running.values():
-                n = self.allocator.blocks_for(entry.length) - len(entry.blocks)
-                if n > 0:
-                    out[entry.id] = n
-            return out
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Start a waiting request with as many tokens as fit (its cached prefix taken); 0 when none fit now."""
+        assert not seq.cancelled, "cancel() removes waiting requests"
+        assert not seq.blocks and seq.num_computed == 0
+        looked_up = self.blocks.prefix_caching and not seq.wants_prompt_logprobs
+        if looked_up:
+            if not seq.prefix_hashes:  # kept while it waits: its tokens only change once it runs
+                seq.prefix_hashes = list(self._prefix_hashes(seq))
+            seq.blocks = self.blocks.lookup(seq.prefix_hashes)
+            seq.block_hashes = seq.prefix_hashes[: len(seq.blocks)]
+            seq.num_computed = len(seq.blocks) * self.block_size
+            missing = seq.prefix_hashes[len(seq.blocks) : len(seq.blocks) + 1]
+            if missing and missing[0] in self._blocks_being_computed():
+                # a running request is computing this very block: wait for it instead of computing it twice
+                self._undo_admission(seq)
+                return 0
+        cached_tokens = seq.num_computed
+        # keep one free block per running request: each may need one to decode its next token
+        spare = self.blocks.free_blocks - len(self._running)
+        count = min(seq.uncomputed, budget, (len(seq.blocks) + spare) * self.block_size - seq.num_computed)
+        if count <= 0:
+            self._undo_admission(seq)
+            return 0
+        seq.blocks.extend(self.blocks.allocate(self._blocks_short(seq, count)))
+        if looked_up:
+            metrics.prefix_cache_queries.inc(len(seq.token_ids))
+            metrics.prefix_cache_hits.inc(cached_tokens)
+        seq.admitted_seq = next(self._admissions)
+        if seq.started_at is None:
+            seq.started_at = time.monotonic()
+        self._running.append(seq)
+        return count
 
-        need = needs()
-        victims: list[Entry] = []
+    def _undo_admission(self, seq: Sequence) -> None:
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
 
-        def shortfall() -> int:
-            # a victim's blocks come back and it needs nothing any more
-            return sum(need.values()) - self.allocator.free_blocks - sum(len(v.blocks) for v in victims)
+    def _blocks_being_computed(self) -> set[BlockHash]:
+        """Hashes of the full prompt blocks that running requests have yet to compute (this step's included)."""
+        return {
+            digest
+            for s in self._running
+            if s.uncomputed > 1
+            for digest in s.prefix_hashes[s.num_computed // self.block_size :]
+        }
 
-        while shortfall() > 0 and len(victims) < len(self._running) - 1:
-            victim = max((e for e in self._running.values() if e not in victims), key=lambda e: e.admitted_seq)
-            victims.append(victim)
-            need.pop(victim.id, None)
-        if victims:
-            await self._preempt(victims)
-            need = needs()
-        if sum(need.values()) > self.allocator.free_blocks:
-            # one request alone does not fit: submit() refuses those, so this is a bug; fail it clearly
-            for rid in list(need):
-                entry = self._running.get(rid)
-                if entry is not None:
-                    self._fail(entry, GenerationError(
-                        f"no KV block left for request {rid} at position {entry.length - 1}"
-                    ))
-            await self._filter()
-            need = needs()
-        extensions = {}
-        for rid, n in need.items():
-            blocks = self.allocator.allocate(n)
-            assert blocks is not None
-            self._running[rid].blocks.extend(blocks)
-            extensions[rid] = blocks
-        self._update_gauges()
-        return extensions
+    def _prefix_hashes(self, seq: Sequence) -> Iterator[BlockHash]:
+        """Hashes of the full blocks a new request could find cached: every full block before its last token."""
+        parent = None
+        for index in range((len(seq.token_ids) - 1) // self.block_size):
+            extra = self._extra_key(seq, index)
+            if extra is None:
+                return
+            parent = block_hash(parent, seq.token_ids[index * self.block_size : (index + 1) * self.block_size], extra)
+            yield parent
 
-    async def _preempt(self, victims: list[Entry]) -> None:
-        ids = {v.id for v in victims}
-        for victim in victims:
-            logger.info(
-                f"preempting request {victim.id} ({victim.length} tokens, {len(victim.generated_ids)} generated, "
-                f"{len(victim.blocks)} blocks): the KV cache is full"
-            )
-            metrics.request_preempted.inc()
-            self.stats["preempted"] += 1
-        # filter them out of their batches; _filter frees their blocks
-        await self._filter(also_remove=ids)
-        # newest victim first in `victims`: queue them at the front so the oldest ends up first
-        for victim in victims:
-            if victim.done or victim.cancelled:
-                continue
-            victim.preemptions += 1
-            victim.prompt = tuple(victim.request.input_ids) + tuple(victim.generated_ids)
-            self._queue.appendleft(victim)
-        metrics.queue_size.set(len(self._queue))
+    def _extra_key(self, seq: Sequence, index: int) -> int | None:
+        """What, besides its tokens, block `index`'s keys depend on; None: the block is not to be shared.
 
-    def _release(self, entry: Entry) -> None:
-        if entry.blocks:
-            self.allocator.free(entry.blocks)
-            entry.blocks = []
+        Under dynamic NTK a token at position p of a request with an L-token prompt is rotated for a sequence of
+        max(L, p + 1) tokens, and the base changes only past the limit M. A block of prompt tokens therefore
+        depends on L when L > M, and a block holding generated tokens past M depends on each token's own
+        length, which no other request's prompt shares.
+        """
+        limit = self.config.dynamic_rope_limit
+        end = (index + 1) * self.block_size  # the block holds positions < end
+        if limit is None or max(seq.prompt_length, end) <= limit:
+            return 0
+        if end <= seq.prompt_length:
+            return seq.prompt_length
+        return None
 
-    # ----- streams --------------------------------------------------------------------------------------
-
-    def _forward(self, entry: Entry, generation: pb.Generation) -> None:
-        tokens = generation.tokens
-        token_id = tokens.ids[0]
-        text = tokens.texts[0] if tokens.texts else ""
-        token = Token(
-            id=token_id,
-            text=text,
-            logprob=_logprob(tokens.logprobs[0]) if tokens.logprobs else None,
-            special=bool(tokens.is_special[0]) if tokens.is_special else False,
-        )
-        top = tuple(_tokens(generation.top_tokens)) if generation.HasField("top_tokens") else ()
-        prefill = None
-        if generation.HasField("prefill_tokens") and generation.prefill_tokens.ids:
-            prefill = tuple(_tokens(generation.prefill_tokens))
-        entry.generated_ids.append(token_id)
-        entry.generated_texts.append(text)
-        entry.generated_special.append(token.special)
-        if not entry.cancelled:
-            entry.stream.put_nowait(StreamToken(token=token, top_tokens=top, prefill=prefill))
-
-        finish = None
-        seed = None
-        shard_text = None
-        if generation.HasField("generated_text"):
-            g = generation.generated_text
-            finish = FINISH_REASONS.get(g.finish_reason, "length")
-            seed = g.seed if g.HasField("seed") else None
-            shard_text = g.text
-        elif entry.preemptions and entry.request.stop_sequences:
-            # the shard's stop-sequence window restarted at the re-prefill: check across the boundary here
-            window = entry.text_tail + text
-            if any(stop in window for stop in entry.request.stop_sequences):
-                finish = "stop_sequence"
-                if entry.request.parameters.do_sample:
-                    seed = entry.request.parameters.seed
-        longest = max((len(s) for s in entry.request.stop_sequences), default=0)
-        entry.text_tail = (entry.text_tail + text)[-max(longest - 1, 0):] if longest > 1 else ""
-        if finish is None:
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks `seq` has filled since the last step."""
+        if not self.blocks.prefix_caching:
             return
-        if entry.preemptions == 0 and shard_text is not None:
-            generated_text = shard_text
-        elif self.tokenizer is not None:
-            generated_text = self.tokenizer.decode(entry.generated_ids, skip_special_tokens=True)
-        else:
-            generated_text = "".join(t for t, s in zip(entry.generated_texts, entry.generated_special) if not s)
+        full = seq.num_computed // self.block_size
+        while not seq.hashes_stopped and len(seq.block_hashes) < full:
+            index = len(seq.block_hashes)
+            extra = self._extra_key(seq, index)
+            if extra is None:
+                seq.hashes_stopped = True
+                return
+            if index < len(seq.prefix_hashes):  # hashed already at admission
+                seq.block_hashes.append(seq.prefix_hashes[index])
+            else:
+                parent = seq.block_hashes[-1] if seq.block_hashes else None
+                tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
+                seq.block_hashes.append(block_hash(parent, tokens, extra))
+            self.blocks.register(seq.blocks[index], seq.block_hashes[-1])
+
+    # ----- leaving ----------------------------------------------------------------------------------------
+
+    def _retire(self, seq: Sequence) -> None:
+        """`seq` leaves the running set for good (finished, failed or cancelled): its blocks are let go."""
+        seq.finished = True
+        self._running.remove(seq)
+        self._let_go(seq)
+
+    def _let_go(self, seq: Sequence) -> None:
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.block_hashes, seq.prefix_hashes, seq.hashes_stopped = [], [], [], False
+        seq.num_computed = seq.blocks_on_shard = 0
+        if seq.on_shard:
+            self._released.append(seq.id)
+            seq.on_shard = False
+
+    def _preempt(self, seq: Sequence) -> None:
+        metrics.request_preempted.inc()
+        self.stats["preempted"] += 1
+        seq.preemptions += 1
+        self._running.remove(seq)
+        self._let_go(seq)
+        if not seq.prefill_sent:
+            seq.prefill = []  # its prompt is computed again from the start, logprobs with it
+        # the most recently admitted goes first, so the oldest ends up at the very front
+        self._waiting.appendleft(seq)
+
+    # ----- results ----------------------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, response: Any) -> list[Output]:
+        """Apply a step's results (`response.generations`, rank 0's); the outputs for the requests' streams."""
+        by_id = {g.request_id: g for g in response.generations}
+        outputs: list[Output] = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            generation = by_id.get(seq.id)
+            seq.on_shard = not (generation is not None and generation.HasField("finish_reason"))
+            seq.blocks_on_shard = len(chunk.new_blocks) + (0 if chunk.new else seq.blocks_on_shard)
+            seq.num_computed += chunk.num_tokens
+            self._cache_full_blocks(seq)
+            if seq.cancelled:
+                continue  # released with the next plan
+            if generation is not None and generation.prefill_tokens.ids:
+                seq.prefill.extend(self._tokens(generation.prefill_tokens))
+            if generation is not None and generation.HasField("token_id"):
+                outputs.append((seq, self._next_token(seq, generation)))
+            elif seq.uncomputed == 0:
+                error = GenerationError(f"the shard computed request {seq.id}'s last token but chose no next one")
+                outputs.append(self._fail(seq, error))
+        self._update_gauges()
+        return outputs
+
+    def _next_token(self, seq: Sequence, generation: Any) -> StreamToken:
+        token_id = generation.token_id
+        seq.token_ids.append(token_id)
+        assert seq.generated <= seq.request.max_new_tokens, "the shard stops at max_new_tokens"
+        piece = seq.text.push(token_id)
+        reason = None
+        if generation.HasField("finish_reason"):
+            reason = SHARD_FINISH_REASONS[generation.finish_reason]
+        elif seq.text.stopped:
+            reason = "stop_sequence"
+        end = None
+        if reason is not None:
+            piece += seq.text.flush()
+            end = self._end(seq, reason)
+            self._retire(seq)
+        prefill = None
+        if seq.request.prefill_logprobs and not seq.prefill_sent:
+            prefill, seq.prefill_sent = tuple(seq.prefill), True
+        special = token_id in self.tokenizer.special_token_ids
+        token = Token(id=token_id, text=piece, logprob=_logprob(generation.logprob), special=special)
+        return StreamToken(token=token, top_tokens=tuple(self._tokens(generation.top_tokens)), prefill=prefill, end=end)
+
+    def _end(self, seq: Sequence, reason: str) -> StreamEnd:
         now = time.monotonic()
-        started = entry.started_at if entry.started_at is not None else now
-        end = StreamEnd(
-            generated_text=generated_text,
-            finish_reason=finish,
-            generated_tokens=len(entry.generated_ids),
-            seed=seed,
-            input_length=len(entry.request.input_ids),
-            queue_s=started - entry.queued_at,
+        started = seq.started_at if seq.started_at is not None else now
+        params = seq.request.parameters
+        return StreamEnd(
+            generated_text=seq.text.text,
+            finish_reason=reason,
+            generated_tokens=seq.generated,
+            seed=params.seed if params.do_sample else None,
+            input_length=seq.prompt_length,
+            queue_s=started - seq.queued_at,
             inference_s=now - started,
         )
-        entry.done = True
-        if not entry.cancelled:
-            entry.stream.put_nowait(end)
 
-    def _fail(self, entry: Entry, error: Exception) -> None:
-        if entry.done:
-            return
-        entry.done = True
-        self.stats["failed"] += 1
-        self._running.pop(entry.id, None)
-        self._release(entry)
-        if not entry.cancelled:
-            entry.stream.put_nowait(error)
+    def _tokens(self, tokens: Any) -> list[Token]:
+        """pb.Tokens -> Tokens, each decoded alone."""
+        special = self.tokenizer.special_token_ids
+        return [
+            Token(id=i, text=self.tokenizer.decode([i]), logprob=_logprob(logprob), special=i in special)
+            for i, logprob in zip(tokens.ids, tokens.logprobs)
+        ]
 
-    async def _fail_all_running(self, error: Exception) -> None:
-        entries = list(self._running.values())
-        batch_ids = [b.id for b in self._batches]
-        await self._drop_batches(batch_ids, entries, error)
-        for entry in entries:
-            self._release(entry)
-        self._running.clear()
-        self._batches = []
+    def fail(self, plan: StepPlan, error: Exception) -> list[Output]:
+        """The step failed: the shards changed nothing, so its releases are due again and its requests fail."""
+        self._released.extend(plan.released)
+        outputs = [self._fail(chunk.seq, error) for chunk in plan.chunks if not chunk.seq.finished]
         self._update_gauges()
+        return outputs
+
+    def shutdown(self, error: Exception) -> list[Output]:
+        """Fail every request, waiting or running."""
+        outputs = [self._fail(seq, error) for seq in [*self._running, *self._waiting]]
+        self._waiting.clear()
+        self._update_gauges()
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> Output:
+        self.stats["failed"] += 1
+        if seq in self._running:
+            self._retire(seq)
+        seq.finished = True
+        return seq, error
 
     def _update_gauges(self) -> None:
+        metrics.queue_size.set(len(self._waiting))
         metrics.batch_current_size.set(len(self._running))
-        metrics.batch_current_max_tokens.set(sum(e.length for e in self._running.values()))
-        metrics.queue_size.set(len(self._queue))
+        metrics.batch_current_max_tokens.set(sum(len(s.token_ids) for s in self._running))
+        metrics.kv_blocks_used.set(self.blocks.used_blocks)
+        metrics.kv_blocks_cached.set(self.blocks.cached_blocks)
 
 
 def _logprob(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
-
-
-def _tokens(tokens: pb.Tokens) -> list[Token]:
-    n = len(tokens.ids)
-    texts = list(tokens.texts) + [""] * (n - len(tokens.texts))
-    logprobs = list(tokens.logprobs) + [math.nan] * (n - len(tokens.logprobs))
-    special = list(tokens.is_special) + [False] * (n - len(tokens.is_special))
-    return [
-        Token(id=tokens.ids[i], text=texts[i], logprob=_logprob(logprobs[i]), special=bool(special[i]))
-        for i in range(n)
-    ]

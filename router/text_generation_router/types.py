@@ -3,9 +3,9 @@
 Nothing here imports torch: the router runs beside the shards and only moves token ids and text.
 
 Flow: a front end turns a client request into a `GenerationRequest` through `Validation`, then iterates
-`Infer.stream(request)`, which yields one `StreamToken` per generated token and finally one `StreamEnd`.
-Closing the iterator early (a client that disconnects) cancels the request; its KV blocks are freed within
-one scheduler step.
+`Infer.stream(request)`, which yields one `StreamToken` per generated token; the last one carries the
+`StreamEnd`, so no front end has to guess which token is last. Closing the iterator early (a client that
+disconnects) cancels the request; its KV blocks are freed within one scheduler step.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class GenerationRequest:
     parameters: SamplingParams
     max_new_tokens: int  # >= 1; len(input_ids) + max_new_tokens <= max_total_tokens
     stop_sequences: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end it like EOS (<|im_end|> for a chat)
     ignore_eos_token: bool = False
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
@@ -52,25 +53,26 @@ class Token:
 
 
 @dataclass(frozen=True)
-class StreamToken:
-    """One generated token, as streamed."""
-
-    token: Token  # text: what a stream prints for it ("" while a UTF-8 character is incomplete)
-    top_tokens: tuple[Token, ...] = ()  # the top_n_tokens best alternatives, best first
-    prefill: tuple[Token, ...] | None = None  # the prompt's tokens, with the first generated token only, if asked
-
-
-@dataclass(frozen=True)
 class StreamEnd:
-    """The last item of a stream."""
+    """How a request ended; carried by its last StreamToken."""
 
-    generated_text: str  # every generated token decoded at once, special tokens skipped
+    generated_text: str  # every streamed token's text joined (special tokens carry none)
     finish_reason: FinishReason
     generated_tokens: int
     seed: int | None  # the seed used, for sampled requests only
     input_length: int
-    queue_s: float = 0.0  # time waiting in the queue before the first prefill
-    inference_s: float = 0.0  # time from the first prefill to the end
+    queue_s: float = 0.0  # time waiting in the queue before the first step
+    inference_s: float = 0.0  # time from the first step to the end
+
+
+@dataclass(frozen=True)
+class StreamToken:
+    """One generated token, as streamed."""
+
+    token: Token  # text: what the token adds to the generated text ("" for special tokens)
+    top_tokens: tuple[Token, ...] = ()  # the top_n_tokens best alternatives, best first (each decoded alone)
+    prefill: tuple[Token, ...] | None = None  # the prompt's tokens, with the first generated token only, if asked
+    end: StreamEnd | None = None  # set on the last token of the request
 
 
 class RouterError(Exception):
@@ -110,6 +112,7 @@ class RouterLimits:
     max_total_tokens: int = 2048
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int = 16384
+    prefix_caching: bool = True
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     max_client_batch_size: int = 4
@@ -129,6 +132,8 @@ class ShardInfo:
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
     num_blocks: int = 0
+    dynamic_rope: bool = False  # keys past max_position_embeddings depend on the prompt's length
+    kernels: str = "reference"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Request parameters (TGI's `GenerateParameters`) and their validation into a `GenerationRequest`.
 
 Independent of any web framework: the HTTP front end and the public gRPC front end both build a
-`GenerateParameters` and call `Validation.validate`. The rules and messages follow TGI's router
-(tgi.md §2.2); each message names the field and the allowed range, and every error is a
+`GenerateParameters` and call `Validation.validate`. The rules and messages follow TGI's router;
+each message names the field and the allowed range, and every error is a
 `ValidationError` (HTTP 422, `error_type` "validation") whose text starts with "Input validation error: ".
 
 Validation also records TGI's validation metrics (duration, input length, max_new_tokens).

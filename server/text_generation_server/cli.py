@@ -38,8 +38,8 @@ def generate(
 ) -> None:
     """Generate from PROMPT in this process and stream the text to stdout (no server involved)."""
     from text_generation_server.models import get_model
-    from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
-    from text_generation_server.models.types import Request, SamplingParameters, StoppingParameters
+    from text_generation_server.models.local import LocalRunner
+    from text_generation_server.models.types import NewRequest, SamplingParameters, StoppingParameters
 
     try:
         model = get_model(model_dir, dtype=dtype, device=device)
@@ -47,23 +47,26 @@ def generate(
         logger.error(str(e))
         raise typer.Exit(1) from e
     input_ids = model.tokenizer.encode(prompt)
-    block_size = 16
-    tokens = len(input_ids) + max_new_tokens
-    blocks = tuple(range(-(-tokens // block_size)))
-    model.allocate_kv_cache(len(blocks), block_size)
-    request = Request(
-        id=0,
-        input_ids=tuple(input_ids),
-        blocks=blocks,
-        slots=tuple(range(tokens)),
-        parameters=SamplingParameters(temperature=temperature, do_sample=do_sample, seed=seed),
-        stopping=StoppingParameters(max_new_tokens=max_new_tokens),
+    model.allocate_kv_cache(-(-(len(input_ids) + max_new_tokens) // model.ops.default_block_size))
+    runner = LocalRunner(model)
+    runner.add(
+        NewRequest(
+            token_ids=tuple(input_ids),
+            prompt_length=len(input_ids),
+            parameters=SamplingParameters(temperature=temperature, do_sample=do_sample, seed=seed),
+            stopping=StoppingParameters(max_new_tokens=max_new_tokens),
+        )
     )
-    batch = FlashCausalLMBatch.from_requests(0, [request], model)
-    while batch is not None:
-        generations, batch = model.generate_token(batch)
-        sys.stdout.write(generations[0].tokens.texts[0])
-        sys.stdout.flush()
+    ids = list(input_ids)
+    prefix_offset, read_offset = max(len(ids) - 5, 0), len(ids)
+    while runner.running:
+        for generation in runner.step():
+            if generation.token_id is None or generation.token_id in model.tokenizer.special_token_ids:
+                continue
+            ids.append(generation.token_id)
+            text, prefix_offset, read_offset = model.tokenizer.decode_incremental(ids, prefix_offset, read_offset)
+            sys.stdout.write(text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
 
 

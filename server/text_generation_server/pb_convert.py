@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from text_generation_server.models.types import (
-    GeneratedText,
     Generation,
-    Request,
+    NewRequest,
     SamplingParameters,
+    ScheduledRequest,
+    Step,
     StoppingParameters,
     Tokens,
 )
@@ -38,17 +39,16 @@ def sampling_from_pb(pb: generate_pb2.NextTokenChooserParameters) -> SamplingPar
 def stopping_from_pb(pb: generate_pb2.StoppingCriteriaParameters) -> StoppingParameters:
     return StoppingParameters(
         max_new_tokens=pb.max_new_tokens,
-        stop_sequences=tuple(pb.stop_sequences),
         ignore_eos_token=pb.ignore_eos_token,
+        stop_token_ids=tuple(pb.stop_token_ids),
     )
 
 
-def request_from_pb(pb: generate_pb2.Request) -> Request:
-    return Request(
-        id=pb.id,
-        input_ids=tuple(pb.input_ids),
-        blocks=tuple(pb.blocks),
-        slots=tuple(pb.slots),
+def new_request_from_pb(pb: generate_pb2.NewRequest) -> NewRequest:
+    return NewRequest(
+        token_ids=tuple(pb.token_ids),
+        prompt_length=pb.prompt_length,
+        num_cached_tokens=pb.num_cached_tokens,
         parameters=sampling_from_pb(pb.parameters) if pb.HasField("parameters") else SamplingParameters(),
         stopping=stopping_from_pb(pb.stopping_parameters),
         prefill_logprobs=pb.prefill_logprobs,
@@ -56,38 +56,38 @@ def request_from_pb(pb: generate_pb2.Request) -> Request:
     )
 
 
+def step_from_pb(pb: generate_pb2.StepRequest) -> Step:
+    return Step(
+        requests=tuple(
+            ScheduledRequest(
+                id=r.id,
+                num_tokens=r.num_tokens,
+                new_blocks=tuple(r.new_blocks),
+                new=new_request_from_pb(r.new_request) if r.HasField("new_request") else None,
+            )
+            for r in pb.requests
+        ),
+        released=tuple(pb.released),
+    )
+
+
 def tokens_to_pb(tokens: Tokens) -> generate_pb2.Tokens:
-    return generate_pb2.Tokens(
-        ids=tokens.ids, logprobs=tokens.logprobs, texts=tokens.texts, is_special=tokens.is_special
-    )
-
-
-def generated_text_to_pb(generated: GeneratedText) -> generate_pb2.GeneratedText:
-    return generate_pb2.GeneratedText(
-        text=generated.text,
-        generated_tokens=generated.generated_tokens,
-        finish_reason=int(generated.finish_reason),
-        seed=generated.seed,  # None leaves the optional field unset
-    )
+    return generate_pb2.Tokens(ids=tokens.ids, logprobs=tokens.logprobs)
 
 
 def generation_to_pb(generation: Generation) -> generate_pb2.Generation:
-    pb = generate_pb2.Generation(request_id=generation.request_id, tokens=tokens_to_pb(generation.tokens))
-    if generation.prefill_tokens is not None:
-        pb.prefill_tokens.CopyFrom(tokens_to_pb(generation.prefill_tokens))
-    if generation.generated_text is not None:
-        pb.generated_text.CopyFrom(generated_text_to_pb(generation.generated_text))
+    pb = generate_pb2.Generation(request_id=generation.request_id)
+    if generation.prefill is not None:
+        pb.prefill_tokens.CopyFrom(tokens_to_pb(generation.prefill))
+    if generation.token_id is not None:
+        pb.token_id = generation.token_id
+        pb.logprob = generation.logprob
     if generation.top_tokens is not None:
         pb.top_tokens.CopyFrom(tokens_to_pb(generation.top_tokens))
+    if generation.finish_reason is not None:
+        pb.finish_reason = int(generation.finish_reason)
     return pb
 
 
 def generations_to_pb(generations: Iterable[Generation]) -> list[generate_pb2.Generation]:
     return [generation_to_pb(generation) for generation in generations]
-
-
-def cached_batch_to_pb(batch) -> generate_pb2.CachedBatch:
-    """The router's handle on a batch: its id, its requests and the tokens it holds in the KV cache."""
-    return generate_pb2.CachedBatch(
-        id=batch.batch_id, request_ids=batch.request_ids, current_tokens=sum(batch.cache_lengths)
-    )

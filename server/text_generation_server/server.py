@@ -1,12 +1,12 @@
 """The gRPC shard: `TextGenerationService` (proto/generate.proto) over one loaded model.
 
-State between calls is the cache of batches by id (and the KV cache they point into). Model work (Warmup,
-Prefill, Decode, FilterBatch, ClearCache) runs one call at a time on the main thread (`ModelThread`); Info,
-Health and ServiceDiscovery answer on gRPC's threads, also while a long Decode runs.
+State between calls is the requests the engine holds (and the KV cache they point into). Model work (Warmup,
+Step, ClearCache) runs one call at a time on the main thread (`ModelThread`); Info, Health and
+ServiceDiscovery answer on gRPC's threads, also while a long Step runs.
 
 Error policy (`ErrorPolicy`, the only place that maps exceptions to statuses):
-  * a bad request (`ShardError`, or a `ValueError` from the engine) -> its gRPC status and message; the shard
-    keeps serving;
+  * a bad request (`ShardError`, or a `ValueError` from the engine, which checks a whole plan before it changes
+    anything) -> its gRPC status and message; the shard keeps serving;
   * anything else -> logged with its traceback, INTERNAL returned, then the process stops and exits non-zero
     (the device may be unusable; the launcher restarts or reports the shard).
 """
@@ -27,14 +27,10 @@ from loguru import logger
 
 from text_generation_server import device as device_layer
 from text_generation_server import pb_convert
-from text_generation_server.models.flash_causal_lm import (
-    DEFAULT_BLOCK_SIZE,
-    FlashCausalLM,
-    FlashCausalLMBatch,
-)
+from text_generation_server.models.flash_causal_lm import FlashCausalLM
 from text_generation_server.pb import generate_pb2, generate_pb2_grpc
 
-FEATURES = ("top_n_tokens", "prefill_logprobs")
+FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
 
 
@@ -42,14 +38,6 @@ class ShardError(Exception):
     """A request the shard refuses; the shard stays healthy."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class InvalidArgument(ShardError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(ShardError):
-    code = grpc.StatusCode.NOT_FOUND
 
 
 class FailedPrecondition(ShardError):
@@ -100,41 +88,6 @@ class ErrorPolicy(grpc.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-
-
-class BatchCache:
-    """Cached batches by id; only the model thread touches it."""
-
-    def __init__(self):
-        self._batches: dict[int, FlashCausalLMBatch] = {}
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __contains__(self, batch_id: int) -> bool:
-        return batch_id in self._batches
-
-    def get(self, batch_id: int) -> FlashCausalLMBatch:
-        try:
-            return self._batches[batch_id]
-        except KeyError:
-            raise NotFound(f"batch {batch_id} is not cached (unknown id, cleared, or finished)") from None
-
-    def set(self, batch_id: int, batch: FlashCausalLMBatch | None) -> None:
-        if batch is None:
-            self._batches.pop(batch_id, None)
-        else:
-            self._batches[batch_id] = batch
-
-    def pop(self, batch_id: int) -> FlashCausalLMBatch | None:
-        return self._batches.pop(batch_id, None)
-
-    def clear(self) -> None:
-        self._batches.clear()
-
-    def request_ids(self) -> dict[int, int]:
-        """request id -> id of the batch holding it."""
-        return {rid: bid for bid, batch in self._batches.items() for rid in batch.request_ids}
 
 
 class ModelThread:
@@ -192,7 +145,6 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.uds_path = uds_path
         self.rank = rank
         self.world_size = world_size
-        self.cache = BatchCache()
         self.model_thread = ModelThread()
 
     # ----- answered on gRPC's threads, while a model call may run -----------------------------------------
@@ -205,12 +157,14 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
             architecture=config.architecture,
             dtype=str(model.dtype),
             device_type=model.device.type,
-            block_size=kv_cache.block_size if kv_cache is not None else DEFAULT_BLOCK_SIZE,
+            block_size=kv_cache.block_size if kv_cache is not None else model.ops.default_block_size,
             world_size=self.world_size,
             vocab_size=config.vocab_size,
             max_position_embeddings=config.max_position_embeddings,
             eos_token_ids=sorted(model.eos_token_ids),
             features=FEATURES,
+            dynamic_rope=model.rotary.is_dynamic,
+            kernels=model.ops.name,
         )
 
     def ServiceDiscovery(self, request, context):
@@ -232,29 +186,14 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         return self.model_thread.call(self._ClearCache, request)
 
     def _ClearCache(self, request):
-        if request.HasField("id"):
-            self.cache.pop(request.id)
-        else:
-            self.cache.clear()
+        self.model.clear()
         device_layer.empty_cache(self.model.device)
         return generate_pb2.ClearCacheResponse()
-
-    def FilterBatch(self, request, context):
-        return self.model_thread.call(self._FilterBatch, request)
-
-    def _FilterBatch(self, request):
-        batch = self.cache.get(request.batch_id)
-        filtered = batch.filter(list(request.request_ids))  # ValueError on an id not in the batch
-        self.cache.set(request.batch_id, filtered)
-        if filtered is None:
-            return generate_pb2.FilterBatchResponse()
-        return generate_pb2.FilterBatchResponse(batch=pb_convert.cached_batch_to_pb(filtered))
 
     def Warmup(self, request, context):
         return self.model_thread.call(self._Warmup, request)
 
     def _Warmup(self, request):
-        self.cache.clear()
         kv_cache = self.model.warmup(
             request.max_input_tokens,
             request.max_prefill_tokens,
@@ -271,85 +210,23 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
             max_supported_total_tokens=kv_cache.num_slots,
         )
 
-    def Prefill(self, request, context):
-        return self.model_thread.call(self._Prefill, request)
+    def Step(self, request, context):
+        return self.model_thread.call(self._Step, request)
 
-    def _Prefill(self, request):
+    def _Step(self, request):
         start = time.perf_counter_ns()
-        self._require_warmup("Prefill")
-        batch_pb = request.batch
-        if not batch_pb.requests:
-            raise InvalidArgument(f"batch {batch_pb.id} has no requests")
-        if batch_pb.id in self.cache:
-            raise InvalidArgument(f"batch id {batch_pb.id} is already cached; batch ids must be unique")
-        held = self.cache.request_ids()
-        clash = next((r.id for r in batch_pb.requests if r.id in held), None)
-        if clash is not None:
-            raise InvalidArgument(f"request id {clash} is already in cached batch {held[clash]}")
-        requests = [pb_convert.request_from_pb(r) for r in batch_pb.requests]
-        batch = FlashCausalLMBatch.from_requests(batch_pb.id, requests, self.model)
-        generations, next_batch, forward_ns, step_ns = self._step(batch)
-        return generate_pb2.PrefillResponse(
-            generations=generations,
-            batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
-            forward_ns=forward_ns,
-            decode_ns=max(step_ns - forward_ns, 0),
-            total_ns=time.perf_counter_ns() - start,
-        )
-
-    def Decode(self, request, context):
-        return self.model_thread.call(self._Decode, request)
-
-    def _Decode(self, request):
-        start = time.perf_counter_ns()
-        self._require_warmup("Decode")
-        ids = [cached.id for cached in request.batches]
-        if not ids:
-            raise InvalidArgument("Decode needs at least one batch")
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument(f"a batch id is listed twice in Decode: {ids}")
-        batches = [
-            self.cache.get(batch_id) for batch_id in ids
-        ]  # every id looked up before any is popped
-        concat_ns = None
-        if len(batches) > 1:
-            concat_start = time.perf_counter_ns()
-            batch = FlashCausalLMBatch.concatenate(batches)  # ValueError leaves the cache untouched
-            concat_ns = time.perf_counter_ns() - concat_start
-        else:
-            batch = batches[0]
-        extended = [extension.request_id for extension in request.extensions]
-        if len(set(extended)) != len(extended):
-            raise InvalidArgument(f"a request is extended twice in Decode: {extended}")
-        # checks every request has a block for this step before changing anything
-        self.model.extend_block_tables(batch, {e.request_id: list(e.blocks) for e in request.extensions})
-        for batch_id in ids:
-            self.cache.pop(batch_id)
-        generations, next_batch, forward_ns, step_ns = self._step(batch)
-        return generate_pb2.DecodeResponse(
-            generations=generations,
-            batch=pb_convert.cached_batch_to_pb(next_batch) if next_batch is not None else None,
-            forward_ns=forward_ns,
-            decode_ns=max(step_ns - forward_ns, 0),
-            total_ns=time.perf_counter_ns() - start,
-            concat_ns=concat_ns,
-        )
-
-    def _require_warmup(self, method: str) -> None:
         if self.model.kv_cache is None:
-            raise FailedPrecondition(
-                f"{method} before Warmup: the KV cache is not allocated; call Warmup first"
-            )
-
-    def _step(self, batch: FlashCausalLMBatch):
-        """One generate_token, caching the next batch: (pb generations, next batch, forward_ns, step_ns)."""
-        step_start = time.perf_counter_ns()
-        generations, next_batch = self.model.generate_token(batch)
-        step_ns = time.perf_counter_ns() - step_start
-        self.cache.set(batch.batch_id, next_batch)
-        # every rank runs the step; only rank 0 reports it
-        pb_generations = pb_convert.generations_to_pb(generations) if self.rank == 0 else []
-        return pb_generations, next_batch, self.model.last_forward_ns, step_ns
+            raise FailedPrecondition("Step before Warmup: the KV cache is not allocated; call Warmup first")
+        generations = self.model.step(pb_convert.step_from_pb(request))  # ValueError: a bad plan, nothing changed
+        step_ns = time.perf_counter_ns() - start
+        forward_ns = self.model.last_forward_ns if request.requests else 0
+        return generate_pb2.StepResponse(
+            # every rank runs the step; only rank 0 reports it
+            generations=pb_convert.generations_to_pb(generations) if self.rank == 0 else [],
+            forward_ns=forward_ns,
+            decode_ns=max(step_ns - forward_ns, 0),
+            total_ns=time.perf_counter_ns() - start,
+        )
 
 
 def serve(

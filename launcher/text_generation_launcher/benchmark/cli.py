@@ -1,9 +1,9 @@
 """`text-generation-benchmark`: our server and transformers on the same random-weight model, in one run.
 
 Phases run one after another (never two engines at once): transformers `generate` (the baseline, Llama layout),
-our engine in-process, then the served stack (text-generation-launcher) driven over HTTP. Writes
-OUT/results.json and OUT/plot.png (with matplotlib, the `bench` extra) and prints a table of ratios to the
-baseline measured in the same run.
+our engine in-process, the served stack (text-generation-launcher) driven over HTTP, then the engine's features
+each on and off (prefix caching, chunked prefill) and a long-context prompt. Writes OUT/results.json and
+OUT/plot.png (with matplotlib, the `bench` extra) and prints a table of ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import typer
 
 from . import report
+from .features import SMOKE_FEATURES, FeatureWorkloads
 from .workloads import PRESETS, SMOKE_WORKLOADS, Workloads, cpu_count, make_prompts, prepare_models
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
@@ -43,6 +44,8 @@ def main(
     skip_baseline: bool = typer.Option(False, help="Do not run transformers."),
     skip_served: bool = typer.Option(False, help="Do not start the served stack (in-process engine only)."),
     skip_engine: bool = typer.Option(False, help="Do not run the in-process engine."),
+    skip_features: bool = typer.Option(False, help="Do not run the feature workloads (prefix cache, chunking, long)."),
+    only_features: bool = typer.Option(False, help="Run only the feature workloads."),
     repeats: int = typer.Option(None, help="Runs of the decode workload (median); default 2, prefill 3."),
     profile: bool = typer.Option(False, help="Also write torch.profiler tables of the in-process decode step (OUT/profile)."),
     model_cache: Path = typer.Option(None, help="Where the random-weight models are written once (default ~/.cache/internlm2-tgi-bench)."),
@@ -54,6 +57,9 @@ def main(
         raise typer.BadParameter("--dtype must be float32 or bfloat16")
     model_preset = "smoke" if smoke else preset
     workloads = SMOKE_WORKLOADS if smoke else Workloads()
+    features = SMOKE_FEATURES if smoke else FeatureWorkloads()
+    if only_features:
+        skip_baseline = skip_engine = skip_served = True
     if concurrency:
         workloads = dataclasses.replace(workloads, concurrency=tuple(int(c) for c in concurrency.split(",") if c.strip()))
     if requests is not None:
@@ -79,6 +85,7 @@ def main(
             "mixed_new_tokens": [p.max_new_tokens for p in prompts.mixed],
         },
         "engines": {},
+        "features": {},
         "workloads": {"decode_b1": {}, "prefill": {}, "mixed": {str(c): {} for c in workloads.concurrency},
                       "decode_step": {}},
     }
@@ -126,7 +133,7 @@ def main(
         from .served import ServedStack
 
         _log("ours served: starting text-generation-launcher")
-        stack = ServedStack(internlm2_dir, dtype, workloads, out / "launcher.log")
+        stack = ServedStack.for_workloads(internlm2_dir, dtype, workloads, out / "launcher.log")
         try:
             results["engines"]["ours_served"] = stack.info
             stack.warmup(prompts, workloads)
@@ -141,6 +148,9 @@ def main(
         finally:
             stack.close()
 
+    if not skip_features:
+        run_features(results["features"], internlm2_dir, dtype, features, model_cache or _default_cache(), out)
+
     report.add_ratios(results)
     results["meta"]["wall_s"] = time.perf_counter() - started
     json_path = report.write_json(results, out)
@@ -148,6 +158,17 @@ def main(
     print(f"JSON: {json_path}")
     png = report.plot(results, out)
     print(f"plot: {png}" if png else "plot: not drawn (matplotlib is missing: pip install 'internlm2-tgi[bench]')")
+
+
+def run_features(into: dict, model_dir: Path, dtype: str, w: FeatureWorkloads, model_cache: Path, out: Path) -> None:
+    from . import features
+
+    into["workloads"] = dataclasses.asdict(w)
+    into["prefix_cache"] = features.prefix_cache(model_dir, dtype, w, out, _log)
+    into["chunked_prefill"] = features.chunked_prefill(model_dir, dtype, w, out, _log)
+    long_dir, _ = prepare_models(w.long_context_preset, dtype, model_cache, log=_log)
+    into["long_context"] = features.long_context(long_dir, dtype, w, out, _log)
+    into["long_context"]["model_shape"] = PRESETS[w.long_context_preset]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,8 @@
-"""Our engine in this process (no router, no gRPC): `get_model` + `FlashCausalLMBatch` + `generate_token`.
+"""Our engine in this process (no router, no gRPC): `get_model` + `LocalRunner` stepping `FlashCausalLM.step`.
 
-Every request is greedy with `ignore_eos_token`, its KV blocks allocated up front for prompt + max_new_tokens.
-Each `generate_token` call is timed with `time.perf_counter()`: the first call of a batch is its prefill, the
-others are decode steps.
+Every request is greedy with `ignore_eos_token`, its KV blocks allocated up front for prompt + max_new_tokens,
+and its whole prompt computed in the first step. Each step is timed with `time.perf_counter()`: the first one
+is the prefill, the others are decode steps.
 """
 
 from __future__ import annotations
@@ -14,22 +14,6 @@ from pathlib import Path
 from .stats import median
 from .workloads import Prompt, PromptSet, Workloads
 
-BLOCK_SIZE = 16
-
-
-class _Blocks:
-    def __init__(self, num_blocks: int):
-        self.free = list(range(num_blocks))
-
-    def take(self, tokens: int) -> tuple[int, ...]:
-        count = -(-tokens // BLOCK_SIZE)
-        if count > len(self.free):
-            raise RuntimeError("benchmark KV cache too small")
-        return tuple(self.free.pop() for _ in range(count))
-
-    def give(self, blocks) -> None:
-        self.free.extend(blocks)
-
 
 class Engine:
     name = "ours (in-process)"
@@ -40,53 +24,37 @@ class Engine:
         from text_generation_server.models import get_model
 
         torch.set_num_threads(threads)
-        self.torch = torch
         self.model = get_model(model_dir, dtype=dtype, device="cpu")
         tokens = max(workloads.step_streams * (workloads.step_prompt + workloads.step_new),
                      max(workloads.concurrency) * workloads.max_total_tokens, workloads.max_total_tokens)
-        num_blocks = -(-tokens // BLOCK_SIZE) + 8
-        self.model.allocate_kv_cache(num_blocks, BLOCK_SIZE)
-        self.blocks = _Blocks(num_blocks)
-        self.next_id = 0
-        self.info = {"engine": "ours: FlashCausalLM.generate_token in-process", "dtype": dtype, "threads": threads}
+        self.model.allocate_kv_cache(-(-tokens // self.model.ops.default_block_size) + 8)
+        self.info = {"engine": "ours: FlashCausalLM.step in-process", "dtype": dtype, "threads": threads}
 
     def close(self) -> None:
         self.model = None
         gc.collect()
 
-    def _batch(self, prompts: list[Prompt]):
-        from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
-        from text_generation_server.models.types import Request, SamplingParameters, StoppingParameters
-
-        requests = []
-        for p in prompts:
-            blocks = self.blocks.take(len(p.ids) + p.max_new_tokens)
-            requests.append(Request(
-                id=self.next_id, input_ids=tuple(p.ids), blocks=blocks, parameters=SamplingParameters(),
-                stopping=StoppingParameters(max_new_tokens=p.max_new_tokens, ignore_eos_token=True),
-            ))
-            self.next_id += 1
-        return FlashCausalLMBatch.from_requests(self.next_id, requests, self.model), requests
-
     def run(self, prompts: list[Prompt], max_steps: int | None = None, on_step=None) -> tuple[float, list[float], int]:
-        """Prefill `prompts` together, then decode until every one finished (or `max_steps` calls).
+        """Prefill `prompts` together, then decode until every one finished (or `max_steps` steps).
 
-        Returns (start, end time of each generate_token call, tokens generated)."""
-        batch, requests = self._batch(prompts)
+        Returns (start, end time of each step, tokens generated)."""
+        from text_generation_server.models.local import LocalRunner
+        from text_generation_server.models.types import NewRequest, StoppingParameters
+
+        runner = LocalRunner(self.model)
+        for p in prompts:
+            stopping = StoppingParameters(max_new_tokens=p.max_new_tokens, ignore_eos_token=True)
+            runner.add(NewRequest(token_ids=tuple(p.ids), prompt_length=len(p.ids), stopping=stopping))
         times, tokens, calls = [], 0, 0
-        try:
-            with self.torch.inference_mode():
-                start = time.perf_counter()
-                while batch is not None and (max_steps is None or calls < max_steps):
-                    if on_step is not None:
-                        on_step(calls)
-                    generations, batch = self.model.generate_token(batch)
-                    times.append(time.perf_counter())
-                    tokens += len(generations)
-                    calls += 1
-        finally:
-            for r in requests:
-                self.blocks.give(r.blocks)
+        start = time.perf_counter()
+        while runner.running and (max_steps is None or calls < max_steps):
+            if on_step is not None:
+                on_step(calls)
+            tokens += sum(g.token_id is not None for g in runner.step())
+            times.append(time.perf_counter())
+            calls += 1
+        if runner.running:  # stopped early: the engine forgets the rest
+            self.model.clear()
         return start, times, tokens
 
     def warmup(self, prompts: PromptSet, workloads: Workloads) -> None:
@@ -133,6 +101,6 @@ class Engine:
             profile_dir.mkdir(parents=True, exist_ok=True)
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
             (profile_dir / f"engine-decode-{label}.txt").write_text(table)
-        steps = [b - a for a, b in zip(times[1:], times[2:])]  # decode calls only, the first one excluded
+        steps = [b - a for a, b in zip(times[1:], times[2:])]  # decode steps only, the first one excluded
         return {"streams": len(prompts), "prefill_ms": (times[0] - start) * 1000, "steps": len(steps),
                 "step_ms": median(steps) * 1000, "step_p90_ms": sorted(steps)[int(0.9 * (len(steps) - 1))] * 1000}

@@ -9,6 +9,8 @@ TARGETS = {
     "decode_b1": 1.1,  # ours / transformers tokens/s at batch 1
     "mixed_32": 2.0,  # ours at 32 streams / transformers static batches of 32, total tokens/s
     "overhead_32": 0.05,  # (served step - engine step) / served step, at most
+    "prefix_cache_ttft": 3.0,  # TTFT p50 without prefix caching / with it, at least
+    "chunked_gap": 0.25,  # longest gap of the running streams, chunked / unchunked, at most
 }
 
 
@@ -55,6 +57,13 @@ def add_ratios(results: dict) -> dict:
     overhead = step.get("overhead", {}).get("fraction")
     streams = step.get("ours_engine", {}).get("streams", "?")
     targets.append(_target(f"router + gRPC share of a decode step at {streams} streams", overhead, TARGETS["overhead_32"], "<="))
+    f = results.get("features", {})
+    if "prefix_cache" in f:
+        targets.append(_target("prefix cache: TTFT p50 off / on (chats sharing a system prompt)",
+                               f["prefix_cache"]["ttft_p50_ratio_off_to_on"], TARGETS["prefix_cache_ttft"], ">="))
+    if "chunked_prefill" in f:
+        targets.append(_target("chunked prefill: longest stream gap chunked / unchunked",
+                               f["chunked_prefill"]["longest_gap_ratio_chunked_to_unchunked"], TARGETS["chunked_gap"], "<="))
     results["targets"] = targets
     return results
 
@@ -72,6 +81,9 @@ def _f(value, digits=1):
 
 def table(results: dict) -> str:
     w = results["workloads"]
+    entries = [w.get("decode_b1", {}), w.get("prefill", {}), *w.get("mixed", {}).values()]
+    if not any(who in entry for entry in entries for who in ("ours_served", "ours_engine", "baseline")):
+        return _features_table(results.get("features", {})).strip() + "\n" + _targets(results)
     rows = [("workload", "metric", "ours served", "ours engine", "transformers", "ratio (served)")]
     d = w.get("decode_b1", {})
     rows.append((f"decode b1 ({d.get('baseline', d.get('ours_engine', {})).get('prompt_tokens', '?')} in)", "tokens/s",
@@ -104,11 +116,49 @@ def table(results: dict) -> str:
     breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
     if breakdown:
         out += "\n\nDecode step overhead, ms: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in breakdown.items())
+    out += _features_table(results.get("features", {}))
+    return out + _targets(results)
+
+
+def _targets(results: dict) -> str:
     marks = {True: "met", False: "MISSED", None: "not measured"}
-    out += "\n\nTargets (ratios to transformers measured in this run):\n"
+    out = "\n\nTargets (ratios measured in this run):\n"
     for t in results.get("targets", []):
         out += f"  - {t['name']}: {_f(t['value'], 3)} (target {t['threshold']}): {marks[t['met']]}\n"
     return out
+
+
+def _features_table(f: dict) -> str:
+    lines = []
+    p = f.get("prefix_cache")
+    if p:
+        lines.append(
+            f"prefix cache, {p['workload']['requests']} chats sharing a {p['workload']['system_prompt_tokens']}-token "
+            f"system prompt: TTFT p50/p90 on {_f(p['on']['ttft_p50_ms'], 0)}/{_f(p['on']['ttft_p90_ms'], 0)} ms, off "
+            f"{_f(p['off']['ttft_p50_ms'], 0)}/{_f(p['off']['ttft_p90_ms'], 0)} ms ({_f(p['ttft_p50_ratio_off_to_on'], 2)}x); "
+            f"hits {_f(p['on']['prefix_cache_hits'], 0)} of {_f(p['on']['prefix_cache_queries'], 0)} prompt tokens"
+        )
+    c = f.get("chunked_prefill")
+    if c:
+        for mode in ("chunked", "unchunked"):
+            r = c[mode]
+            lines.append(
+                f"{c['workload']['streams']} streams while prompts of {c['workload']['long_prompts']} tokens arrive, "
+                f"{mode}: ITL p50/p90 {_f(r['itl_p50_ms'], 0)}/{_f(r['itl_p90_ms'], 0)} ms, longest gap "
+                f"{_f(r['longest_gap_ms'], 0)} ms, prompts' TTFT {[round(t) for t in r['long_prompt_ttft_ms']]} ms"
+            )
+        lines.append(f"  longest gap chunked / unchunked: {_f(c['longest_gap_ratio_chunked_to_unchunked'], 3)}")
+    g = f.get("long_context")
+    if g:
+        shard = g["memory_peak"].get("shard-0", {})
+        router = g["memory_peak"].get("router", {})
+        lines.append(
+            f"long context, {g['prompt_tokens']} tokens ({g['prompt_bytes'] / 1e6:.2f} MB of text): TTFT {_f(g['ttft_s'])} s, "
+            f"then {_f(g['decode_tok_s'])} tok/s; peak RSS shard {shard.get('VmHWM', 0) / 2**20:.0f} MiB, router "
+            f"{router.get('VmHWM', 0) / 2**20:.0f} MiB; KV cache {g['kv_cache_bytes'] / 2**20:.0f} MiB "
+            f"({_f(g['kv_cache_tokens'], 0)} tokens)"
+        )
+    return ("\n\nFeatures (each on and off in this run):\n  " + "\n  ".join(lines)) if lines else ""
 
 
 def write_json(results: dict, out_dir: Path) -> Path:

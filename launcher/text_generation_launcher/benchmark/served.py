@@ -41,20 +41,18 @@ def _launcher_argv() -> list[str]:
 class ServedStack:
     name = "ours (served)"
 
-    def __init__(self, model_dir: Path, dtype: str, workloads: Workloads, log_path: Path, extra_args=(),
-                 startup_timeout: float = 900):
+    def __init__(self, model_dir: Path, dtype: str, log_path: Path, *, max_input_tokens: int, max_total_tokens: int,
+                 max_concurrent_requests: int = 128, extra_args=(), startup_timeout: float = 900):
         self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        max_input = max(workloads.decode_prompt, workloads.prefill_prompt, workloads.mixed_prompt[1],
-                        workloads.step_prompt) + 4
         argv = [
             *_launcher_argv(), "--model-id", str(model_dir), "--dtype", dtype, "--port", str(self.port),
             "--grpc-port", "0", "--hostname", "127.0.0.1", "--shard-uds-path", str(self.socket_dir / "shard"),
-            "--master-port", str(free_port()), "--max-input-tokens", str(max_input),
-            "--max-total-tokens", str(workloads.max_total_tokens + 8), "--max-concurrent-requests",
-            str(max(128, 2 * max(workloads.concurrency), 2 * workloads.step_streams)), *extra_args,
+            "--master-port", str(free_port()), "--max-input-tokens", str(max_input_tokens),
+            "--max-total-tokens", str(max_total_tokens), "--max-concurrent-requests", str(max_concurrent_requests),
+            *extra_args,
         ]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w")
@@ -73,6 +71,39 @@ class ServedStack:
             time.sleep(0.2)
         self.close()
         raise RuntimeError(f"text-generation-launcher not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    @classmethod
+    def for_workloads(cls, model_dir: Path, dtype: str, workloads: Workloads, log_path: Path) -> ServedStack:
+        """The stack for the core workloads (decode, prefill, mixed, decode step), without prefix caching: their
+        runs repeat prompts, and a cache hit would measure no prefill at all (the prefix-cache workload measures
+        caching)."""
+        max_input = max(workloads.decode_prompt, workloads.prefill_prompt, workloads.mixed_prompt[1],
+                        workloads.step_prompt) + 4
+        concurrent = max(128, 2 * max(workloads.concurrency), 2 * workloads.step_streams)
+        return cls(model_dir, dtype, log_path, max_input_tokens=max_input, max_total_tokens=workloads.max_total_tokens + 8,
+                   max_concurrent_requests=concurrent, extra_args=["--no-prefix-caching"])
+
+    def processes(self) -> dict[str, int]:
+        """pid of each process of the stack: the launcher, its router and its shards (shard-0, ...).
+
+        The launcher starts each child in a session of its own, so they are found as its children (PPid)."""
+        found = {"launcher": self.process.pid}
+        for entry in sorted(Path("/proc").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0):
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            if int(status["PPid"].strip()) != self.process.pid:
+                continue
+            text = b" ".join(argv).decode(errors="replace")
+            if "text-generation-router" in text:
+                found["router"] = int(entry.name)
+            elif " serve " in text:
+                found[f"shard-{sum(name.startswith('shard') for name in found)}"] = int(entry.name)
+        return found
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -136,11 +167,27 @@ class ServedStack:
     def drive(self, prompts: list[Prompt], concurrency: int) -> tuple[float, float, list[dict]]:
         return asyncio.run(self._closed_loop(prompts, concurrency))
 
-    def metrics(self) -> dict[str, float]:
-        """The router's Prometheus counters of the shard calls (sums and counts by method)."""
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Resident memory of each process now and at its peak (VmRSS, VmHWM), in bytes."""
+        out = {}
+        for name, pid in self.processes().items():
+            fields = {}
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+            out[name] = fields
+        return out
+
+    def metrics_text(self) -> str:
+        """The router's /metrics page."""
         import urllib.request
 
-        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
+        return urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """The router's Prometheus counters of the shard calls (sums and counts by method)."""
+        text = self.metrics_text()
         out = {}
         pattern = re.compile(r'^(tgi_batch_(?:inference|forward|decode)_duration_(?:sum|count))\{method="(\w+)"\} (\S+)$')
         for line in text.splitlines():

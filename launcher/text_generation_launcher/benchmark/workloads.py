@@ -16,11 +16,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
-# make_tiny_internlm2 keyword arguments for each preset
+# make_tiny_internlm2 keyword arguments for each preset (max_position_embeddings 4096 unless given)
+DYNAMIC_NTK = {"type": "dynamic", "factor": 2.0}
 PRESETS: dict[str, dict] = {
     "smoke": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000),
     "small": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=92544),
     "1_8b": dict(hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192, vocab=92544),
+    # the long-context workload: a tiny model whose 200k-token prompt runs far past max_position_embeddings
+    "long": dict(hidden=64, layers=2, heads=4, kv_heads=1, intermediate=128, vocab=1000, max_pos=32768,
+                 rope_scaling=DYNAMIC_NTK),
+    "smoke-long": dict(hidden=64, layers=2, heads=4, kv_heads=1, intermediate=128, vocab=1000, max_pos=512,
+                       rope_scaling=DYNAMIC_NTK),
 }
 
 
@@ -125,7 +131,7 @@ def prepare_models(preset: str, dtype: str, root: Path, log=print) -> tuple[Path
         return internlm2, llama
     log(f"writing the random-weight {preset} model ({dtype}) into {root}")
     make_tiny = _make_tiny()
-    make_tiny.make_tiny_internlm2(internlm2, **shape, max_pos=4096, dtype=dtype, shards=1, seed=0)
+    make_tiny.make_tiny_internlm2(internlm2, **{"max_pos": 4096, **shape}, dtype=dtype, shards=1, seed=0)
     eos = _unreachable_eos(internlm2)
     convert_checkpoint(TO_LLAMA, internlm2, llama, force=True, show_progress=False)
     done.write_text(json.dumps({"preset": preset, "dtype": dtype, "shape": shape, "unreachable_eos": eos}))

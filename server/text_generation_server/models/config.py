@@ -9,7 +9,7 @@ from typing import Any
 
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 
-# What InternLM2Config and LlamaConfig assume when a key is absent (internlm2.md §1.2; transformers' LlamaConfig).
+# What InternLM2Config and LlamaConfig assume when a key is absent (InternLM2's own configuration class; transformers' LlamaConfig).
 _DEFAULTS = {
     "InternLM2ForCausalLM": dict(
         vocab_size=103168, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -1,8 +1,11 @@
-"""The engine: batches of requests on a paged KV cache, one token per request per step.
+"""The engine: one forward per step over a ragged batch of decode tokens and prompt chunks, on a paged KV cache.
 
-A batch is prefilled once (every prompt in one forward), then decoded step by step (one token per request,
-the whole batch in one forward). Between steps, finished or cancelled requests leave (`filter`) and
-prefilled batches join (`concatenate`); a request's tokens never depend on its neighbours.
+The router plans every step (`Step`): which requests run, how many tokens each computes and which blocks are
+appended to each block table. The engine holds one `RequestState` per request between steps (its tokens, the
+block table it mirrors from the plans, its sampler) and decides nothing about blocks or scheduling. A request
+computes `num_tokens` tokens from its first uncomputed position; once it has computed every token it knows,
+the step chooses its next token. It leaves when it finishes (max_new_tokens or an EOS id, decided here) or when
+the router releases it. A request's tokens never depend on its neighbours in a step.
 """
 
 from __future__ import annotations
@@ -10,142 +13,63 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from text_generation_server import device as device_layer
-from text_generation_server.layers.attention import AttentionMetadata, KVCache
 from text_generation_server.layers.rotary import RotaryEmbedding
 from text_generation_server.models.config import ModelConfig, read_eos_token_ids, read_json
 from text_generation_server.models.types import (
     FinishReason,
-    GeneratedText,
     Generation,
-    Request,
+    NewRequest,
     SamplingParameters,
+    ScheduledRequest,
+    Step,
     StoppingParameters,
     Tokens,
 )
-from text_generation_server.utils.sampling import NextTokenChooser, top_n_tokens
-from text_generation_server.utils.stopping import StoppingCriteria
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_server.ops import AttentionMetadata, KVCache, select_ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
+from text_generation_server.utils.sampling import TokenSampler, choose_tokens, top_n_tokens
+from text_generation_server.utils.tokenizer import Tokenizer
 from text_generation_server.utils.weights import Weights, weight_files
 
-DEFAULT_BLOCK_SIZE = 16
+
+@dataclass(eq=False)
+class RequestState:
+    """One request the shard holds, from its first step until it finishes or the router releases it."""
+
+    id: int
+    token_ids: list[int]  # the prompt, then every generated token (those from before a preemption too)
+    prompt_length: int
+    num_computed: int  # tokens whose keys/values are in the cache; the next position this request computes
+    block_table: list[int]  # block i holds positions [i·block_size, (i+1)·block_size); mirrors the router's
+    sampler: TokenSampler
+    stopping: StoppingParameters
+    prefill_logprobs: bool
+    top_n_tokens: int
+
+    @property
+    def generated(self) -> int:
+        return len(self.token_ids) - self.prompt_length
 
 
 @dataclass
-class FlashCausalLMBatch:
-    """Requests that step together. Every list is indexed by the request's position in the batch."""
+class _Row:
+    """Where one scheduled request's tokens and logits sit in the step's forward."""
 
-    batch_id: int
-    requests: list[Request]
-    all_input_ids: list[list[int]]  # prompt + generated tokens so far
-    prompt_lengths: list[int]
-    cache_lengths: list[int]  # tokens whose key/value are in the cache: 0 until prefilled, then len - 1
-    prefix_offsets: list[int]  # incremental detokenizer windows (see Tokenizer.decode_incremental)
-    read_offsets: list[int]
-    stopping_criterias: list[StoppingCriteria]
-    next_token_chooser: NextTokenChooser
-    # KV blocks of each request in position order; the router appends blocks as a request grows
-    block_tables: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    @property
-    def request_ids(self) -> list[int]:
-        return [request.id for request in self.requests]
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.cache_lengths[0] == 0
-
-    @classmethod
-    def from_requests(cls, batch_id: int, requests: Sequence[Request], model: FlashCausalLM) -> FlashCausalLMBatch:
-        if not requests:
-            raise ValueError("a batch needs at least one request")
-        ids = [request.id for request in requests]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"request ids in a batch must be unique, got {ids}")
-        for request in requests:
-            model.validate_request(request)
-        prompts = [list(request.input_ids) for request in requests]
-        return cls(
-            batch_id=batch_id,
-            requests=list(requests),
-            all_input_ids=prompts,
-            prompt_lengths=[len(prompt) for prompt in prompts],
-            cache_lengths=[0] * len(requests),
-            prefix_offsets=[max(len(prompt) - 5, 0) for prompt in prompts],
-            read_offsets=[len(prompt) for prompt in prompts],
-            stopping_criterias=[StoppingCriteria(model.eos_token_ids, r.stopping) for r in requests],
-            next_token_chooser=NextTokenChooser.from_params(
-                [r.parameters for r in requests], prompts, model.config.vocab_size, model.device
-            ),
-            block_tables=[list(request.blocks) for request in requests],
-        )
-
-    def filter(self, request_ids: Sequence[int]) -> FlashCausalLMBatch | None:
-        """Keep only `request_ids` (in batch order); None when none is left."""
-        position = {request.id: i for i, request in enumerate(self.requests)}
-        unknown = [rid for rid in request_ids if rid not in position]
-        if unknown:
-            raise ValueError(f"batch {self.batch_id} has no request {unknown[0]}")
-        keep = sorted(position[rid] for rid in set(request_ids))
-        if not keep:
-            return None
-        if len(keep) == len(self.requests):
-            return self
-        return FlashCausalLMBatch(
-            batch_id=self.batch_id,
-            requests=[self.requests[i] for i in keep],
-            all_input_ids=[self.all_input_ids[i] for i in keep],
-            prompt_lengths=[self.prompt_lengths[i] for i in keep],
-            cache_lengths=[self.cache_lengths[i] for i in keep],
-            prefix_offsets=[self.prefix_offsets[i] for i in keep],
-            read_offsets=[self.read_offsets[i] for i in keep],
-            stopping_criterias=[self.stopping_criterias[i] for i in keep],
-            next_token_chooser=self.next_token_chooser.filter(keep),
-            block_tables=[self.block_tables[i] for i in keep],
-        )
-
-    @classmethod
-    def concatenate(cls, batches: Sequence[FlashCausalLMBatch]) -> FlashCausalLMBatch:
-        """One batch running the requests of all `batches`, which must all have been prefilled."""
-        if not batches:
-            raise ValueError("nothing to concatenate")
-        if len(batches) == 1:
-            return batches[0]
-        if any(batch.is_prefill for batch in batches):
-            raise ValueError("only prefilled batches can be concatenated")
-        ids = [rid for batch in batches for rid in batch.request_ids]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"a request id appears in two of the concatenated batches: {ids}")
-
-        def joined(field: str) -> list:
-            return [item for batch in batches for item in getattr(batch, field)]
-
-        return cls(
-            batch_id=batches[0].batch_id,
-            requests=joined("requests"),
-            all_input_ids=joined("all_input_ids"),
-            prompt_lengths=joined("prompt_lengths"),
-            cache_lengths=joined("cache_lengths"),
-            prefix_offsets=joined("prefix_offsets"),
-            read_offsets=joined("read_offsets"),
-            stopping_criterias=joined("stopping_criterias"),
-            next_token_chooser=NextTokenChooser.concatenate([b.next_token_chooser for b in batches]),
-            block_tables=joined("block_tables"),
-        )
+    state: RequestState
+    num_tokens: int
+    first_row: int  # its first token among the T tokens of the forward
+    samples: bool  # this step computes its last known token, so it chooses the next one
+    logprob_positions: range = field(default_factory=lambda: range(0))  # prompt positions whose logits it returns
 
 
 class FlashCausalLM:
-    """A decoder-only model with its tokenizer, its paged KV cache and the step function."""
+    """A decoder-only model with its tokenizer, its paged KV cache, the requests it holds and the step."""
 
     model_class: type[torch.nn.Module]  # set by each architecture's subclass
 
@@ -163,19 +87,23 @@ class FlashCausalLM:
         self.dtype = dtype
         self.device = device
         self.tp = tp
+        self.ops = select_ops(device)
         # KV heads held by this rank: the cache is split over the ranks like the attention
         self.num_kv_heads = config.num_key_value_heads // tp.world_size
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config.vocab_size)
         weights = Weights(weight_files(model_dir), dtype, device, tp)
-        self.model = self.model_class(config, weights).eval()
+        self.model = self.model_class(config, weights, self.ops).eval()
         weights.check_all_used()
         weights.close()
         self.eos_token_ids = self._eos_token_ids()
+        scaling = config.rope_scaling
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling
+            config.head_dim, config.rope_theta, config.max_position_embeddings,
+            scaling.type if scaling is not None else None, scaling.factor if scaling is not None else 1.0,
         )
         self.kv_cache: KVCache | None = None
-        self.last_forward_ns = 0  # time of the model forward in the last generate_token (device-synchronised)
+        self.requests: dict[int, RequestState] = {}
+        self.last_forward_ns = 0  # time of the model forward in the last step (device-synchronised)
 
     def _eos_token_ids(self) -> frozenset[int]:
         """generation_config's EOS ids (every one of a list) and the tokenizer's EOS."""
@@ -190,39 +118,48 @@ class FlashCausalLM:
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token takes on this rank."""
         c = self.config
-        return KVCache.bytes_per_token(c.num_hidden_layers, self.num_kv_heads, c.head_dim, self.dtype)
+        return self.ops.kv_bytes_per_token(c.num_hidden_layers, self.num_kv_heads, c.head_dim, self.dtype)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCache:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int | None = None) -> KVCache:
+        """A new cache of `num_blocks` blocks (the backend's default block size unless given); every request
+        held so far is forgotten."""
+        self.requests.clear()
         self.kv_cache = None  # drop the old cache before allocating the new one
         c = self.config
-        self.kv_cache = KVCache(
-            c.num_hidden_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype, self.device
+        self.kv_cache = self.ops.allocate_kv_cache(
+            c.num_hidden_layers, num_blocks, block_size or self.ops.default_block_size, self.num_kv_heads,
+            c.head_dim, self.dtype, self.device,
         )
         return self.kv_cache
+
+    def clear(self) -> None:
+        """Forget every request (the cache's contents stay; the router decides what its blocks hold)."""
+        self.requests.clear()
 
     def warmup(
         self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int, memory_fraction: float
     ) -> KVCache:
-        """Run the largest prefill the limits allow, then size the KV cache from the memory left.
+        """Run the largest step the limits allow, then size the KV cache from the memory left.
 
-        The warmup batch packs `max_prefill_tokens` prompt tokens into requests of at most `max_input_tokens`,
-        each sampling with every processor on, so a forward of that size is known to fit. The cache then takes
-        `memory_fraction` of the device memory available afterwards (on CPU: of the host's available RAM).
+        The warmup step computes `max_prefill_tokens` prompt tokens (the step's token budget) in requests of at
+        most `max_input_tokens`, each sampling with every processor on, so a forward of that size is known to
+        fit; a decode step follows. The cache then takes `memory_fraction` of the device memory available
+        afterwards (on CPU: of the host's available RAM).
         """
         if not 1 <= max_input_tokens < max_total_tokens:
             raise ValueError(
                 f"need 1 <= max_input_tokens ({max_input_tokens}) < max_total_tokens ({max_total_tokens})"
             )
-        if max_prefill_tokens < max_input_tokens:
-            raise ValueError(
-                f"max_prefill_tokens ({max_prefill_tokens}) must be >= max_input_tokens ({max_input_tokens})"
-            )
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
-        block_size = DEFAULT_BLOCK_SIZE
-        lengths = [max_input_tokens] * (max_prefill_tokens // max_input_tokens)
-        if max_prefill_tokens % max_input_tokens:
-            lengths.append(max_prefill_tokens % max_input_tokens)
+        block_size = self.ops.default_block_size
+        self.ops.check_kv_layout(block_size, self.config.head_dim, self.dtype)
+        longest = min(max_input_tokens, max_prefill_tokens)
+        lengths = [longest] * (max_prefill_tokens // longest)
+        if max_prefill_tokens % longest:
+            lengths.append(max_prefill_tokens % longest)
         per_request = [math.ceil((length + 1) / block_size) for length in lengths]
         self.allocate_kv_cache(sum(per_request), block_size)
         sampling = SamplingParameters(
@@ -230,24 +167,25 @@ class FlashCausalLM:
             frequency_penalty=0.1,
         )
         filler = self.tokenizer.encode("_test ", add_special_tokens=False) or [0]
-        requests, first_block = [], 0
-        for i, (length, blocks) in enumerate(zip(lengths, per_request)):
-            block_ids = tuple(range(first_block, first_block + blocks))
-            first_block += blocks
-            requests.append(
-                Request(
-                    id=i,
-                    input_ids=tuple(itertools.islice(itertools.cycle(filler), length)),
-                    blocks=block_ids,
-                    slots=tuple(block_ids[p // block_size] * block_size + p % block_size for p in range(length + 1)),
+        first_blocks = itertools.accumulate([0, *per_request])
+        new = [
+            ScheduledRequest(
+                id=i,
+                num_tokens=length,
+                new_blocks=tuple(range(first, first + blocks)),
+                new=NewRequest(
+                    token_ids=tuple(itertools.islice(itertools.cycle(filler), length)),
+                    prompt_length=length,
                     parameters=sampling,
                     stopping=StoppingParameters(max_new_tokens=2, ignore_eos_token=True),
                     top_n_tokens=5,
-                )
+                ),
             )
-        batch: FlashCausalLMBatch | None = FlashCausalLMBatch.from_requests(0, requests, self)
-        while batch is not None:
-            _, batch = self.generate_token(batch)
+            for i, (length, blocks, first) in enumerate(zip(lengths, per_request, first_blocks))
+        ]
+        self.step(Step(requests=tuple(new)))
+        self.step(Step(requests=tuple(ScheduledRequest(id=r.id, num_tokens=1) for r in new)))
+        assert not self.requests, "every warmup request generates 2 tokens and finishes"
         self.kv_cache = None
         device_layer.empty_cache(self.device)
 
@@ -262,223 +200,242 @@ class FlashCausalLM:
             )
         return self.allocate_kv_cache(num_blocks, block_size)
 
-    def validate_request(self, request: Request) -> None:
-        """Refuse, with a message naming the bad value, what the engine cannot run."""
-        if self.kv_cache is None:
-            raise ValueError("the KV cache is not allocated yet")
-        if not request.input_ids:
-            raise ValueError(f"request {request.id}: input_ids is empty")
-        bad = [t for t in request.input_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"request {request.id}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
-        if request.stopping.max_new_tokens < 1:
-            raise ValueError(f"request {request.id}: max_new_tokens must be >= 1, got {request.stopping.max_new_tokens}")
-        block_size = self.kv_cache.block_size
-        if len(request.blocks) * block_size < len(request.input_ids):
-            raise ValueError(
-                f"request {request.id}: {len(request.blocks)} blocks of {block_size} tokens cannot hold its "
-                f"{len(request.input_ids)} prompt tokens"
-            )
-        self._check_blocks(request.id, request.blocks)
-        for position, slot in enumerate(request.slots):
-            expected = request.blocks[position // block_size] * block_size + position % block_size
-            if slot != expected:
-                raise ValueError(
-                    f"request {request.id}: slot {slot} for position {position} is not in its block table "
-                    f"(expected {expected})"
-                )
-        if request.top_n_tokens < 0:
-            raise ValueError(f"request {request.id}: top_n_tokens must be >= 0, got {request.top_n_tokens}")
-
-    def _check_blocks(self, request_id: int, blocks: Sequence[int]) -> None:
-        num_blocks = self.kv_cache.num_blocks
-        bad = [b for b in blocks if not 0 <= b < num_blocks]
-        if bad:
-            raise ValueError(f"request {request_id}: block {bad[0]} is outside [0, {num_blocks})")
-
-    def extend_block_tables(self, batch: FlashCausalLMBatch, extensions: dict[int, Sequence[int]]) -> None:
-        """Append blocks to running requests' block tables (request id -> new blocks, in position order).
-
-        Checks first, changes nothing on error: every block is in the cache, and after the extension every
-        request has a block for the position its next decode step writes.
-        """
-        position = {rid: i for i, rid in enumerate(batch.request_ids)}
-        for request_id, blocks in extensions.items():
-            if request_id not in position:
-                raise ValueError(f"batch {batch.batch_id} has no request {request_id} to extend")
-            self._check_blocks(request_id, blocks)
-        if not batch.is_prefill:
-            block_size = self.kv_cache.block_size
-            for request_id, ids, table in zip(batch.request_ids, batch.all_input_ids, batch.block_tables):
-                next_position = len(ids) - 1
-                capacity = (len(table) + len(extensions.get(request_id, ()))) * block_size
-                if next_position >= capacity:
-                    raise ValueError(
-                        f"request {request_id} has no KV block for position {next_position}: its blocks hold "
-                        f"{capacity} positions; extend its block table"
-                    )
-        for request_id, blocks in extensions.items():
-            batch.block_tables[position[request_id]].extend(blocks)
-
     # ----- one step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: FlashCausalLMBatch, every_position: bool = False) -> torch.Tensor:
-        """Run the model over the batch's next tokens (whole prompts when prefilling, else the last tokens).
+    def step(self, step: Step) -> list[Generation]:
+        """Run one planned step; the generations of the requests that chose a token or computed prompt logprobs.
 
-        Returns float32 logits: [T, V] for every token of the forward when `every_position`, else [B, V] for each
-        request's last token. Writes the tokens' keys/values to their slots; the batch itself is not advanced.
+        The whole plan is checked before anything changes: a bad plan raises ValueError naming the problem and
+        leaves the held requests as they were.
         """
-        assert self.kv_cache is not None, "allocate_kv_cache must run before a forward"
-        input_ids, meta = self._prepare(batch)
-        hidden = self.model(input_ids, self.kv_cache, meta)
-        if not every_position:
-            hidden = hidden[self._last_rows(batch)]
-        return self.model.compute_logits(hidden)
+        new_states = self._check(step)
+        for request_id in step.released:
+            del self.requests[request_id]
+        self.requests.update(new_states)
+        rows, first_row = [], 0
+        for scheduled in step.requests:
+            state = self.requests[scheduled.id]
+            state.block_table.extend(scheduled.new_blocks)
+            rows.append(self._row(state, scheduled.num_tokens, first_row))
+            first_row += scheduled.num_tokens
+        if not rows:
+            return []
 
-    @torch.inference_mode()
-    def generate_token(self, batch: FlashCausalLMBatch) -> tuple[list[Generation], FlashCausalLMBatch | None]:
-        """Run one forward for `batch` and choose one token per request.
-
-        Returns the generations of this step and the batch to decode next (None once every request finished).
-        """
-        prefill = batch.is_prefill
-        logits_for_prompt = [r.prefill_logprobs for r in batch.requests] if prefill else [False] * len(batch)
         forward_start = time.perf_counter_ns()
-        if any(logits_for_prompt):
-            all_logits = self.forward(batch, every_position=True)  # [T, V]
-            last_logits = all_logits[self._last_rows(batch)]
-        else:
-            all_logits = None
-            last_logits = self.forward(batch)  # [B, V]
+        logits, logits_rows = self._forward(rows)
         device_layer.synchronize(self.device)
         self.last_forward_ns = time.perf_counter_ns() - forward_start
+        return self._advance(rows, logits, logits_rows)
 
-        next_ids, logprobs = batch.next_token_chooser(last_logits)
-        next_ids_list = next_ids.tolist()
-        chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
-        top_tokens = top_n_tokens(logprobs, [r.top_n_tokens for r in batch.requests])
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(token_ids), V] at every position of one sequence computed from an empty cache, for
+        offline checks (the converters' --verify). It writes blocks 0, 1, …: no request may be held."""
+        if self.requests:
+            raise ValueError("prompt_logits overwrites the KV cache: use it only while no request is held")
+        state = self._new_state(-1, NewRequest(token_ids=tuple(token_ids), prompt_length=len(token_ids)))
+        state.block_table = list(range(math.ceil(len(token_ids) / self.kv_cache.block_size)))
+        self._check_scheduled(ScheduledRequest(state.id, len(token_ids)), state)
+        logits, _ = self._forward([_Row(state, len(token_ids), 0, False, range(len(token_ids)))])
+        return logits
 
-        generations, still_running = [], []
-        row_start = 0
-        for i, request in enumerate(batch.requests):
-            prefill_tokens = None
-            if logits_for_prompt[i]:
-                rows = all_logits[row_start : row_start + batch.prompt_lengths[i]]
-                prefill_tokens = self._prefill_tokens(batch.all_input_ids[i], rows)
-            if prefill:
-                row_start += batch.prompt_lengths[i]
-            generation, finished = self._advance(batch, i, next_ids_list[i], chosen_logprobs[i], top_tokens[i])
-            generation.prefill_tokens = prefill_tokens
-            generations.append(generation)
-            if not finished:
-                still_running.append(request.id)
-        return generations, batch.filter(still_running)
+    def _check(self, step: Step) -> dict[int, RequestState]:
+        """Validate `step` against the held requests; the states of its new requests (nothing is changed)."""
+        if self.kv_cache is None:
+            raise ValueError("the KV cache is not allocated yet")
+        released = set(step.released)
+        if len(released) != len(step.released):
+            raise ValueError(f"a request is released twice: {list(step.released)}")
+        unknown = released - self.requests.keys()
+        if unknown:
+            raise ValueError(f"cannot release request {min(unknown)}: the shard does not hold it")
+        held = self.requests.keys() - released
+        ids = [r.id for r in step.requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a request is scheduled twice in one step: {ids}")
+        new_states = {}
+        for scheduled in step.requests:
+            if scheduled.new is not None:
+                if scheduled.id in held:
+                    raise ValueError(f"request {scheduled.id} is new but the shard already holds it")
+                new_states[scheduled.id] = self._new_state(scheduled.id, scheduled.new)
+            elif scheduled.id not in held:
+                raise ValueError(f"request {scheduled.id} is not held by the shard; its first step must carry it whole")
+            state = new_states[scheduled.id] if scheduled.new is not None else self.requests[scheduled.id]
+            self._check_scheduled(scheduled, state)
+        return new_states
 
-    def _prepare(self, batch: FlashCausalLMBatch) -> tuple[torch.Tensor, AttentionMetadata]:
-        """Input ids [T] and the attention metadata of the batch's next forward."""
-        prefill = batch.is_prefill
-        if prefill:
-            tokens = [t for ids in batch.all_input_ids for t in ids]
-            positions = [p for length in batch.prompt_lengths for p in range(length)]
-            slots = [
-                self._slot(table, p) for table, length in zip(batch.block_tables, batch.prompt_lengths)
-                for p in range(length)
-            ]
-            lengths = [length for length in batch.prompt_lengths for _ in range(length)]
-        else:
-            tokens = [ids[-1] for ids in batch.all_input_ids]
-            positions = list(batch.cache_lengths)
-            for request, table, p in zip(batch.requests, batch.block_tables, positions):
-                if p >= len(table) * self.kv_cache.block_size:
-                    raise ValueError(
-                        f"request {request.id} has no KV block for position {p}: its {len(table)} blocks are "
-                        f"full; extend its block table"
-                    )
-            slots = [self._slot(table, p) for table, p in zip(batch.block_tables, positions)]
-            lengths = [p + 1 for p in positions]
+    def _new_state(self, request_id: int, new: NewRequest) -> RequestState:
+        ids, vocab = new.token_ids, self.config.vocab_size
+        if not ids:
+            raise ValueError(f"request {request_id}: token_ids is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if not 1 <= new.prompt_length <= len(ids):
+            raise ValueError(
+                f"request {request_id}: prompt_length {new.prompt_length} is not in [1, {len(ids)}] (its tokens)"
+            )
+        if not 0 <= new.num_cached_tokens < len(ids):
+            raise ValueError(
+                f"request {request_id}: num_cached_tokens {new.num_cached_tokens} must leave at least one of its "
+                f"{len(ids)} tokens to compute"
+            )
+        if new.prefill_logprobs and new.num_cached_tokens:
+            raise ValueError(
+                f"request {request_id}: prefill_logprobs needs its whole prompt computed, but num_cached_tokens is "
+                f"{new.num_cached_tokens}"
+            )
+        generated = len(ids) - new.prompt_length
+        if new.stopping.max_new_tokens <= generated:
+            raise ValueError(
+                f"request {request_id}: max_new_tokens must be > the {generated} tokens generated already, got "
+                f"{new.stopping.max_new_tokens}"
+            )
+        if new.top_n_tokens < 0:
+            raise ValueError(f"request {request_id}: top_n_tokens must be >= 0, got {new.top_n_tokens}")
+        sampler = TokenSampler(new.parameters, ids, vocab, self.device, draws_made=generated)
+        return RequestState(
+            id=request_id, token_ids=list(ids), prompt_length=new.prompt_length, num_computed=new.num_cached_tokens,
+            block_table=[], sampler=sampler, stopping=new.stopping, prefill_logprobs=new.prefill_logprobs,
+            top_n_tokens=new.top_n_tokens,
+        )
+
+    def _check_scheduled(self, scheduled: ScheduledRequest, state: RequestState) -> None:
+        rid, n = scheduled.id, scheduled.num_tokens
+        remaining = len(state.token_ids) - state.num_computed
+        if not 1 <= n <= remaining:
+            raise ValueError(f"request {rid}: num_tokens {n} is not in [1, {remaining}] (its uncomputed tokens)")
+        num_blocks, block_size = self.kv_cache.num_blocks, self.kv_cache.block_size
+        bad = [b for b in scheduled.new_blocks if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"request {rid}: block {bad[0]} is outside [0, {num_blocks})")
+        capacity = (len(state.block_table) + len(scheduled.new_blocks)) * block_size
+        if state.num_computed + n > capacity:
+            raise ValueError(
+                f"request {rid}: its blocks hold {capacity} positions but this step writes up to position "
+                f"{state.num_computed + n - 1}; append blocks first"
+            )
+
+    def _row(self, state: RequestState, num_tokens: int, first_row: int) -> _Row:
+        stop = state.num_computed + num_tokens
+        samples = stop == len(state.token_ids)
+        logprob_positions = range(0)
+        if state.prefill_logprobs and state.num_computed < state.prompt_length:
+            logprob_positions = range(state.num_computed, min(stop, state.prompt_length))
+        return _Row(state, num_tokens, first_row, samples, logprob_positions)
+
+    def _forward(self, rows: list[_Row]) -> tuple[torch.Tensor, list[int]]:
+        """Run the model over every row's new tokens; float32 logits [N, V] only where they are needed (the
+        sampled positions and the asked prompt positions), and the forward row of each."""
+        input_ids, meta = self._prepare(rows)
+        hidden = self.model(input_ids, self.kv_cache, meta)  # [T, hidden]
+        logits_rows = []
+        for row in rows:
+            offset = row.first_row - row.state.num_computed  # forward row of position p: offset + p
+            wanted = [offset + p for p in row.logprob_positions]
+            last = row.first_row + row.num_tokens - 1  # its last new token: where it samples
+            if row.samples and last not in wanted[-1:]:
+                wanted.append(last)
+            logits_rows.extend(wanted)
+        index = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, index)), logits_rows
+
+    def _prepare(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Input ids [T] and the attention metadata of the step's forward."""
+        block_size = self.kv_cache.block_size
+        tokens, positions, slots, rope_lengths = [], [], [], []
+        for row in rows:
+            state, start = row.state, row.state.num_computed
+            stop = start + row.num_tokens
+            table, prompt_length = state.block_table, state.prompt_length
+            tokens.extend(state.token_ids[start:stop])
+            positions.extend(range(start, stop))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, stop))
+            # dynamic NTK: a prompt token is rotated for the whole prompt, a generated one for its own length
+            rope_lengths.extend(max(prompt_length, p + 1) for p in range(start, stop))
+        context_lens = [row.state.num_computed + row.num_tokens for row in rows]
+        widths = [math.ceil(length / block_size) for length in context_lens]
+        width = max(widths)
+        tables = [row.state.block_table[:w] + [0] * (width - w) for row, w in zip(rows, widths)]
         device = self.device
         positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
-        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+        lengths_t = torch.tensor(rope_lengths, dtype=torch.int64, device=device)
         cos, sin = self.rotary.cos_sin(positions_t, lengths_t, self.dtype)
         meta = AttentionMetadata(
+            query_lens=[row.num_tokens for row in rows],
+            context_lens=context_lens,
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
             positions=positions_t,
             slots=torch.tensor(slots, dtype=torch.int64, device=device),
             cos=cos,
             sin=sin,
-            prefill_lengths=list(batch.prompt_lengths) if prefill else None,
-            block_tables=None if prefill else self._block_tables(batch, lengths),
-            context_lengths=None if prefill else lengths_t,
         )
         return torch.tensor(tokens, dtype=torch.int64, device=device), meta
 
-    def _slot(self, block_table: list[int], position: int) -> int:
-        block_size = self.kv_cache.block_size
-        return block_table[position // block_size] * block_size + position % block_size
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, logits_rows: list[int]) -> list[Generation]:
+        """Choose the next token of every row that samples, advance every row, and say what each produced."""
+        where = {forward_row: i for i, forward_row in enumerate(logits_rows)}
+        sampling = [row for row in rows if row.samples]
+        chosen: dict[int, tuple[int, float, tuple[list[int], list[float]]]] = {}
+        if sampling:
+            sample_logits = logits[[where[r.first_row + r.num_tokens - 1] for r in sampling]]
+            next_ids, logprobs = choose_tokens(sample_logits, [r.state.sampler for r in sampling])
+            chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
+            tops = top_n_tokens(logprobs, [r.state.top_n_tokens for r in sampling])
+            for row, token, logprob, top in zip(sampling, next_ids.tolist(), chosen_logprobs, tops):
+                chosen[row.state.id] = (token, logprob, top)
 
-    def _last_rows(self, batch: FlashCausalLMBatch) -> torch.Tensor:
-        """Row of each request's last token among the forward's T tokens."""
-        if not batch.is_prefill:
-            return torch.arange(len(batch), device=self.device)
-        ends = torch.tensor(batch.prompt_lengths, device=self.device).cumsum(0)
-        return ends - 1
-
-    def _block_tables(self, batch: FlashCausalLMBatch, context_lengths: list[int]) -> torch.Tensor:
-        """[B, max_blocks] block ids covering each request's context, padded with block 0 (masked out)."""
-        block_size = self.kv_cache.block_size
-        needed = [math.ceil(length / block_size) for length in context_lengths]
-        width = max(needed)
-        rows = [table[:n] + [0] * (width - n) for table, n in zip(batch.block_tables, needed)]
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
-
-    def _prefill_tokens(self, prompt: list[int], logits: torch.Tensor) -> Tokens:
-        """Logprob of each prompt token given the ones before it; the first has none (NaN)."""
-        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row p predicts token p + 1
-        targets = torch.tensor(prompt[1:], dtype=torch.int64, device=logits.device)
-        values = [math.nan] + logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
-        return Tokens(
-            ids=list(prompt),
-            logprobs=values,
-            texts=[self.tokenizer.decode([t]) for t in prompt],
-            is_special=[t in self.tokenizer.special_token_ids for t in prompt],
-        )
-
-    def _advance(
-        self, batch: FlashCausalLMBatch, i: int, token: int, logprob: float, top: tuple[list[int], list[float]]
-    ) -> tuple[Generation, bool]:
-        """Append `token` to request i, detokenize it and check whether the request is done."""
-        request = batch.requests[i]
-        ids = batch.all_input_ids[i]
-        ids.append(token)
-        batch.cache_lengths[i] = len(ids) - 1
-        text, batch.prefix_offsets[i], batch.read_offsets[i] = self.tokenizer.decode_incremental(
-            ids, batch.prefix_offsets[i], batch.read_offsets[i]
-        )
-        finish_reason = batch.stopping_criterias[i](token, text)
-        generated_text = None
-        if finish_reason is not None:
-            generated = ids[batch.prompt_lengths[i] :]
-            generated_text = GeneratedText(
-                text=self.tokenizer.decode(generated, skip_special_tokens=True),
-                generated_tokens=len(generated),
-                finish_reason=FinishReason(finish_reason),
-                seed=None if request.parameters.is_greedy else request.parameters.seed,
+        generations = []
+        for row in rows:
+            state = row.state
+            prefill = self._prompt_logprobs(row, logits, where) if row.logprob_positions else None
+            state.num_computed += row.num_tokens
+            if state.id not in chosen:
+                if prefill is not None:
+                    generations.append(Generation(request_id=state.id, prefill=prefill))
+                continue
+            token, logprob, (top_ids, top_logprobs) = chosen[state.id]
+            state.token_ids.append(token)
+            finish = self._finish_reason(state, token)
+            if finish is not None:
+                del self.requests[state.id]
+            generations.append(
+                Generation(
+                    request_id=state.id,
+                    prefill=prefill,
+                    token_id=token,
+                    logprob=logprob,
+                    top_tokens=Tokens(top_ids, top_logprobs) if state.top_n_tokens else None,
+                    finish_reason=finish,
+                )
             )
-        top_ids, top_logprobs = top
-        generation = Generation(
-            request_id=request.id,
-            prefill_tokens=None,
-            tokens=Tokens([token], [logprob], [text], [token in self.tokenizer.special_token_ids]),
-            generated_text=generated_text,
-            top_tokens=Tokens(
-                top_ids,
-                top_logprobs,
-                [self.tokenizer.decode([t]) for t in top_ids],
-                [t in self.tokenizer.special_token_ids for t in top_ids],
-            )
-            if request.top_n_tokens
-            else None,
-        )
-        return generation, finish_reason is not None
+        return generations
+
+    def _prompt_logprobs(self, row: _Row, logits: torch.Tensor, where: dict[int, int]) -> Tokens:
+        """Logprobs of the prompt tokens this chunk's logits predict: the logits at position p give the token at
+        p + 1, so a chunk over positions [s, e) reports the tokens s + 1 … min(e, prompt_length - 1), and the
+        first chunk also reports token 0, which has no logprob (NaN)."""
+        state = row.state
+        offset = row.first_row - state.num_computed
+        predicting = [p for p in row.logprob_positions if p + 1 < state.prompt_length]
+        targets = [state.token_ids[p + 1] for p in predicting]
+        values: list[float] = []
+        if predicting:
+            rows = logits[[where[offset + p] for p in predicting]]
+            index = torch.tensor(targets, dtype=torch.int64, device=logits.device)[:, None]
+            values = torch.log_softmax(rows, dim=-1).gather(1, index).squeeze(1).tolist()
+        if row.logprob_positions.start == 0:
+            return Tokens([state.token_ids[0], *targets], [math.nan, *values])
+        return Tokens(targets, values)
+
+    def _finish_reason(self, state: RequestState, token: int) -> FinishReason | None:
+        """max_new_tokens first (an EOS that is the last allowed token reports LENGTH, as in TGI), then EOS."""
+        if state.generated >= state.stopping.max_new_tokens:
+            return FinishReason.LENGTH
+        if not state.stopping.ignore_eos_token and (
+            token in self.eos_token_ids or token in state.stopping.stop_token_ids
+        ):
+            return FinishReason.EOS_TOKEN
+        return None

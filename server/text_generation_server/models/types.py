@@ -1,13 +1,13 @@
 """What goes into the engine and what comes out of it, one step at a time.
 
-These plain dataclasses mirror the shard protocol (TGI's v3 `generate.proto`): the gRPC servicer turns
-protobuf messages into them and back, and tests drive the engine with them directly.
+These plain dataclasses mirror the shard protocol (`proto/generate.proto`): the gRPC servicer turns protobuf
+messages into them and back, and tests drive the engine with them directly.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -33,61 +33,64 @@ class SamplingParameters:
 
 @dataclass(frozen=True)
 class StoppingParameters:
+    """What ends a request on the shard: its length, or an EOS id. Stop sequences are the router's (text)."""
+
     max_new_tokens: int = 20
-    stop_sequences: tuple[str, ...] = ()
     ignore_eos_token: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # end the request like the model's EOS ids (e.g. <|im_end|> of a chat)
 
 
 @dataclass(frozen=True)
-class Request:
-    """One generation request as the router hands it to the engine.
+class NewRequest:
+    """A request the shard does not hold yet: its first step, or its first step after a preemption."""
 
-    `blocks` are allocated by the caller (the router owns the KV cache): block i holds the keys/values of
-    positions [i·block_size, (i+1)·block_size). They must cover the prompt; the caller appends more as the
-    request grows (`FlashCausalLM.extend_block_tables`). `slots`, when given, spell out the flat cache row of
-    each position (block_id · block_size + offset) and must agree with `blocks`.
-    """
-
-    id: int
-    input_ids: tuple[int, ...]
-    blocks: tuple[int, ...]
-    slots: tuple[int, ...] = ()
+    token_ids: tuple[int, ...]  # every token so far: the prompt, then any tokens generated before a preemption
+    prompt_length: int  # the original prompt's length (tokens past it count as generated)
+    num_cached_tokens: int = 0  # tokens at the start whose keys/values are already in its first blocks
     parameters: SamplingParameters = SamplingParameters()
     stopping: StoppingParameters = StoppingParameters()
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: `num_tokens` tokens computed from its first uncomputed position."""
+
+    id: int
+    num_tokens: int
+    new_blocks: tuple[int, ...] = ()  # appended to its block table first, in position order
+    new: NewRequest | None = None  # set on the first step of a request the shard does not hold
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward over a ragged batch, as the router planned it."""
+
+    requests: tuple[ScheduledRequest, ...] = ()
+    released: tuple[int, ...] = ()  # requests to forget before the step (finished by the router, cancelled, preempted)
+
+
 class FinishReason(enum.IntEnum):
     LENGTH = 0
     EOS_TOKEN = 1
-    STOP_SEQUENCE = 2
 
 
 @dataclass
 class Tokens:
     """Parallel lists, one entry per token."""
 
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    is_special: list[bool] = field(default_factory=list)
-
-
-@dataclass
-class GeneratedText:
-    text: str  # every generated token decoded at once, special tokens skipped
-    generated_tokens: int
-    finish_reason: FinishReason
-    seed: int | None  # set only for sampled requests
+    ids: list[int]
+    logprobs: list[float]
 
 
 @dataclass
 class Generation:
-    """What one request produced in one step."""
+    """What one request produced in one step: prompt logprobs of the chunk it computed, the token it chose."""
 
     request_id: int
-    prefill_tokens: Tokens | None  # on the prefill step when asked; the first token's logprob is NaN
-    tokens: Tokens  # the token chosen in this step (its text is the streamed increment)
-    generated_text: GeneratedText | None  # set when the request finished in this step
-    top_tokens: Tokens | None  # the top_n_tokens best alternatives, when asked
+    prefill: Tokens | None = None  # prompt tokens this step's chunk covers, when asked (position 0's logprob: NaN)
+    token_id: int | None = None  # None while the request is still computing its prompt
+    logprob: float = 0.0
+    top_tokens: Tokens | None = None  # the top_n_tokens best alternatives, when asked
+    finish_reason: FinishReason | None = None  # set when this token ended the request

@@ -1,7 +1,7 @@
 """Convert whole Hugging Face checkpoint directories between the InternLM2 and the Llama layout.
 
 InternLM2 and Llama compute the same function (same RMSNorm, rotate-half RoPE, SwiGLU MLP); only the names
-differ and InternLM2 fuses q/k/v into one `wqkv` whose rows are grouped per KV head (internlm2.md §3), so a
+differ and InternLM2 fuses q/k/v into one `wqkv` whose rows are grouped per KV head (see `split_wqkv`), so a
 conversion is a rename plus a split (or fuse) of `wqkv`, and no RoPE permutation.
 
 What is written to DST:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -74,8 +73,8 @@ LAYER_LEAVES: tuple[tuple[str, str], ...] = (
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
-# Raw sentencepiece names of InternLM2's special pieces and the names tokenizer_config.json gives them
-# (internlm2.md §5); used when a source has no added_tokens_decoder to take the names from.
+# Raw sentencepiece names of InternLM2's special pieces and the names tokenizer_config.json gives them;
+# used when a source has no added_tokens_decoder to take the names from.
 INTERNLM2_SPECIAL_PIECES: dict[str, str] = {
     "[UNUSED_TOKEN_141]": "<|plugin|>",
     "[UNUSED_TOKEN_142]": "<|interpreter|>",
@@ -703,23 +702,6 @@ def _native_view(model_dir: Path, scratch: Path) -> Path:
     return scratch
 
 
-def _native_logits(model: Any, prompt: list[int], block_size: int) -> torch.Tensor:
-    """float32 logits [len(prompt), V] from our engine, one prompt per batch (the KV cache is reused)."""
-    from text_generation_server.models.flash_causal_lm import FlashCausalLMBatch
-    from text_generation_server.models.types import Request, StoppingParameters
-
-    blocks = tuple(range(math.ceil((len(prompt) + 1) / block_size)))
-    request = Request(
-        id=0,
-        input_ids=tuple(prompt),
-        blocks=blocks,
-        slots=tuple(range(len(prompt) + 1)),
-        stopping=StoppingParameters(max_new_tokens=1),
-    )
-    batch = FlashCausalLMBatch.from_requests(0, [request], model)
-    return model.forward(batch, every_position=True)
-
-
 def verify_logits(
     internlm2_dir: Path, llama_dir: Path, *, tolerance: float, prompts: int = 3, seed: int = 0
 ) -> float:
@@ -739,8 +721,7 @@ def verify_logits(
         reference = LlamaForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
         vocab = native.config.vocab_size
         lengths = [min(n, native.config.max_position_embeddings) for n in (1, 9, 40)][:prompts]
-        block_size = 16
-        native.allocate_kv_cache(num_blocks=max(lengths) // block_size + 2, block_size=block_size)
+        native.allocate_kv_cache(num_blocks=max(lengths) // native.ops.default_block_size + 2)
         generator = torch.Generator().manual_seed(seed)
         worst, scale = 0.0, 1.0
         for length in lengths:
@@ -749,7 +730,7 @@ def verify_logits(
             reference.model.rotary_emb = LlamaRotaryEmbedding(reference.config)
             with torch.no_grad():
                 expected = reference(torch.tensor([prompt])).logits[0].float()
-                got = _native_logits(native, prompt, block_size)
+                got = native.prompt_logits(prompt)
             worst = max(worst, (got - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())
     bound = tolerance * scale

@@ -1,4 +1,4 @@
-"""Choosing the next token of every row of a batch, each row with its own sampling parameters.
+"""Choosing the next token of every row of a step, each row with its own sampling parameters.
 
 Per row and per step, in TGI's order:
   1. repetition penalty over every id in the row's history (prompt + generated tokens);
@@ -7,14 +7,15 @@ Per row and per step, in TGI's order:
   4. the choice: argmax for greedy rows, a draw from softmax(scores) for sampled rows;
   5. logprobs = log_softmax of the processed scores (what TGI reports).
 
-A stage is built only when some row needs it, so a batch of plain greedy rows costs one argmax and one
-log_softmax. A stage that is a no-op for its neutral value (temperature 1, penalty 1, ...) runs over all rows;
-the sort-based warpers (top-p, typical-p) run only over the rows that enable them, since a sort of a
-[B, 92544] tensor is the most expensive thing here.
+Each request owns a `TokenSampler` (its parameters, its seeded generator, its token counts) for its whole life
+on the shard; a step's rows are whichever requests sample in it, so `choose_tokens` builds each stage per step
+from the rows that need it. A stage is built only when some row needs it: a step of plain greedy rows costs one
+argmax and one log_softmax. The penalties and the sort-based warpers (top-p, typical-p) run only over the rows
+that enable them, since a sort of a [B, 92544] tensor is the most expensive thing here.
 
-Each sampled row draws from its own torch.Generator seeded with the request's seed, and every per-row
-computation is row-local, so a seeded request gives the same tokens whatever else is in the batch; `filter`
-and `concatenate` hand each row's generator (and its token counts) to the new chooser.
+Every per-row computation is row-local and each sampled row draws exactly one number per token from its own
+generator, so a seeded request gives the same tokens whatever else is in the step, and a request recomputed
+after a preemption continues its sequence of draws where it was (`TokenSampler` skips the draws already made).
 """
 
 from __future__ import annotations
@@ -52,14 +53,8 @@ def _has_penalty(params: SamplingParameters) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
 
 
-def _new_generator(seed: int, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 def _column(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Per-row values as a [B, 1] tensor that broadcasts over the vocabulary."""
+    """Per-row values as a [b, 1] tensor that broadcasts over the vocabulary."""
     return torch.tensor(list(values), dtype=dtype, device=device).unsqueeze(1)
 
 
@@ -69,47 +64,45 @@ def _rows_where(flags: Sequence[bool], device: torch.device) -> torch.Tensor | N
     return torch.tensor(rows, dtype=torch.int64, device=device) if rows else None
 
 
-def _count_tokens(histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """counts[i, t] = how many times id t occurs in histories[i]; [B, V] float32."""
-    counts = torch.zeros(len(histories), vocab_size, dtype=torch.float32, device=device)
-    for row, history in enumerate(histories):
-        if len(history) == 0:
-            continue
-        ids = torch.tensor(list(history), dtype=torch.int64, device=device)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"history of row {row} holds token id {bad}, outside [0, {vocab_size})")
-        counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-    return counts
+class TokenSampler:
+    """One request's token choice: its parameters, its generator (sampled requests) and its token counts
+    (penalized requests: counts [V] float32 of every id in the history, and the history's length)."""
 
+    def __init__(
+        self,
+        params: SamplingParameters,
+        history: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+        draws_made: int = 0,
+    ) -> None:
+        """history: the request's tokens so far. draws_made: tokens it already sampled before (a preemption)."""
+        _validate_params(params)
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.is_greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+            for _ in range(draws_made):  # one draw per sampled token (see _draw)
+                torch.rand(1, generator=self.generator, dtype=torch.float64, device=device)
+        self.counts: torch.Tensor | None = None
+        self.history_length = len(history)
+        if _has_penalty(params):
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            if history:
+                ids = torch.tensor(list(history), dtype=torch.int64, device=device)
+                low, high = int(ids.min()), int(ids.max())
+                if low < 0 or high >= vocab_size:
+                    raise ValueError(f"history holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
+                self.counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
 
-class _TokenCounts:
-    """Every row's history summarized for the penalties: counts [B, V] float32, lengths [B] float32.
-
-    Invariant: a row whose history was never counted (it came from a chooser without penalties, see
-    `concatenate`) has zero counts and length 0, which is harmless because that row has no penalty.
-    """
-
-    def __init__(self, counts: torch.Tensor, lengths: torch.Tensor) -> None:
-        assert counts.dim() == 2 and lengths.shape == counts.shape[:1]
-        self.counts = counts
-        self.lengths = lengths
-
-    def record(self, next_ids: torch.Tensor) -> None:
-        """Adds one token per row; next_ids [B] int64."""
-        self.counts.scatter_add_(1, next_ids.unsqueeze(1), torch.ones_like(self.counts[:, :1]))
-        self.lengths += 1
-
-    def select(self, rows: torch.Tensor) -> _TokenCounts:
-        return _TokenCounts(self.counts.index_select(0, rows), self.lengths.index_select(0, rows))
-
-    @staticmethod
-    def uncounted(batch_size: int, vocab_size: int, device: torch.device) -> _TokenCounts:
-        return _TokenCounts(
-            torch.zeros(batch_size, vocab_size, dtype=torch.float32, device=device),
-            torch.zeros(batch_size, dtype=torch.float32, device=device),
-        )
+    def record(self, token_id: int) -> None:
+        """The request's history grew by `token_id`."""
+        self.history_length += 1
+        if self.counts is not None:
+            self.counts[token_id] += 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,188 +196,54 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.T
     return torch.where(landed_on_masked, probs.argmax(dim=-1), ids)
 
 
-class NextTokenChooser:
-    """Chooses the next token of every row of a batch, each row with its own parameters.
-
-    A chooser is stateful (generators, token counts): after `filter` or `concatenate` use only the new one.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[SamplingParameters],
-        generators: Sequence[torch.Generator | None],
-        token_counts: _TokenCounts | None,
-        vocab_size: int,
-        device: torch.device,
-    ) -> None:
-        """Internal; use `from_params`. generators[i] is set exactly for the rows that sample."""
-        assert len(generators) == len(params)
-        assert all((g is None) == p.is_greedy for g, p in zip(generators, params))
-        assert token_counts is not None or not any(_has_penalty(p) for p in params)
-        self.params = tuple(params)
-        self.vocab_size = vocab_size
-        self.device = device
-        self._generators = list(generators)
-        self._token_counts = token_counts
-        self._build_stages()
-
-    @classmethod
-    def from_params(
-        cls,
-        params: Sequence[SamplingParameters],
-        histories: Sequence[Sequence[int]],
-        vocab_size: int,
-        device: torch.device,
-    ) -> NextTokenChooser:
-        """histories[i]: row i's tokens so far (its prompt); penalties look at prompt + generated tokens."""
-        if len(params) != len(histories):
-            raise ValueError(f"got {len(params)} parameter sets but {len(histories)} histories")
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
-        for p in params:
-            _validate_params(p)
-        device = torch.device(device)
-        generators = [None if p.is_greedy else _new_generator(p.seed, device) for p in params]
-        token_counts = None
-        if any(_has_penalty(p) for p in params):
-            lengths = torch.tensor([float(len(h)) for h in histories], dtype=torch.float32, device=device)
-            token_counts = _TokenCounts(_count_tokens(histories, vocab_size, device), lengths)
-        return cls(params, generators, token_counts, vocab_size, device)
-
-    def _build_stages(self) -> None:
-        """Per-row parameter tensors for the stages some row needs; None for the others."""
-        params, device = self.params, self.device
-        self._repetition_penalty = (
-            _column([p.repetition_penalty for p in params], torch.float32, device)
-            if any(p.repetition_penalty != 1.0 for p in params)
-            else None
+def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Tensor:
+    """The scores [B, V] float32 of `logits` [B, V] after each row's penalties and warpers (nothing recorded)."""
+    if logits.dim() != 2 or logits.shape[0] != len(samplers):
+        raise ValueError(f"logits of shape {list(logits.shape)} do not match {len(samplers)} samplers")
+    device = logits.device
+    params = [s.params for s in samplers]
+    scores = logits.float()
+    penalized = _rows_where([s.counts is not None for s in samplers], device)
+    if penalized is not None:
+        rows = [samplers[i] for i in penalized.tolist()]
+        counts = torch.stack([s.counts for s in rows])
+        lengths = torch.tensor([float(s.history_length) for s in rows], device=device)
+        part = scores.index_select(0, penalized)
+        repetition = _column([s.params.repetition_penalty for s in rows], torch.float32, device)
+        part = _apply_repetition_penalty(part, counts, repetition)
+        part = _apply_frequency_penalty(
+            part, counts, lengths, _column([s.params.frequency_penalty for s in rows], torch.float32, device)
         )
-        self._frequency_penalty = (
-            _column([p.frequency_penalty for p in params], torch.float32, device)
-            if any(p.frequency_penalty != 0.0 for p in params)
-            else None
-        )
-        self._temperature = (
-            _column([p.temperature for p in params], torch.float32, device)
-            if any(p.temperature != 1.0 for p in params)
-            else None
-        )
-        self._top_k = (
-            _column([p.top_k for p in params], torch.int64, device)
-            if any(p.top_k > 0 for p in params)
-            else None
-        )
-        self._top_p_rows = _rows_where([p.top_p < 1.0 for p in params], device)
-        self._top_p = (
-            _column([p.top_p for p in params if p.top_p < 1.0], torch.float32, device)
-            if self._top_p_rows is not None
-            else None
-        )
-        self._typical_rows = _rows_where([p.typical_p < 1.0 for p in params], device)
-        self._typical_p = (
-            _column([p.typical_p for p in params if p.typical_p < 1.0], torch.float32, device)
-            if self._typical_rows is not None
-            else None
-        )
-        self._sampled_rows = _rows_where([not p.is_greedy for p in params], device)
+        scores = _on_rows(scores, penalized, part)
+    # The warpers are neutral on greedy rows (is_greedy means every warper is disabled).
+    if any(p.temperature != 1.0 for p in params):
+        scores = scores / _column([p.temperature for p in params], torch.float32, device)
+    if any(p.top_k > 0 for p in params):
+        scores = _apply_top_k(scores, _column([p.top_k for p in params], torch.int64, device))
+    top_p_rows = _rows_where([p.top_p < 1.0 for p in params], device)
+    if top_p_rows is not None:
+        values = _column([p.top_p for p in params if p.top_p < 1.0], torch.float32, device)
+        scores = _on_rows(scores, top_p_rows, _apply_top_p(scores.index_select(0, top_p_rows), values))
+    typical_rows = _rows_where([p.typical_p < 1.0 for p in params], device)
+    if typical_rows is not None:
+        values = _column([p.typical_p for p in params if p.typical_p < 1.0], torch.float32, device)
+        scores = _on_rows(scores, typical_rows, _apply_typical_p(scores.index_select(0, typical_rows), values))
+    return scores
 
-    def __len__(self) -> int:
-        return len(self.params)
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """The scores [B, V] float32 after penalties and warpers; does not record anything."""
-        if logits.dim() != 2 or logits.shape[0] != len(self) or logits.shape[1] != self.vocab_size:
-            raise ValueError(
-                f"logits must have shape [{len(self)}, {self.vocab_size}], got {list(logits.shape)}"
-            )
-        scores = logits.float()
-        if self._token_counts is not None:
-            counts = self._token_counts.counts
-            if self._repetition_penalty is not None:
-                scores = _apply_repetition_penalty(scores, counts, self._repetition_penalty)
-            if self._frequency_penalty is not None:
-                scores = _apply_frequency_penalty(
-                    scores, counts, self._token_counts.lengths, self._frequency_penalty
-                )
-        # The warpers are neutral on greedy rows (is_greedy means every warper is disabled).
-        if self._temperature is not None:
-            scores = scores / self._temperature
-        if self._top_k is not None:
-            scores = _apply_top_k(scores, self._top_k)
-        if self._top_p_rows is not None:
-            rows = self._top_p_rows
-            scores = _on_rows(scores, rows, _apply_top_p(scores.index_select(0, rows), self._top_p))
-        if self._typical_rows is not None:
-            rows = self._typical_rows
-            scores = _on_rows(scores, rows, _apply_typical_p(scores.index_select(0, rows), self._typical_p))
-        return scores
-
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: [B, V], one row per request in batch order.
-
-        Returns (next_ids [B] int64, logprobs [B, V] float32 = log_softmax of the processed scores), and
-        records each chosen id in its row's history.
-        """
-        scores = self.process(logits)
-        logprobs = torch.log_softmax(scores, dim=-1)
-        next_ids = scores.argmax(dim=-1)
-        if self._sampled_rows is not None:
-            rows = self._sampled_rows
-            generators = [self._generators[i] for i in rows.tolist()]
-            sampled = _draw(logprobs.index_select(0, rows).exp(), generators)
-            next_ids = next_ids.index_copy(0, rows, sampled)
-        if self._token_counts is not None:
-            self._token_counts.record(next_ids)
-        return next_ids, logprobs
-
-    def filter(self, keep: Sequence[int]) -> NextTokenChooser:
-        """The chooser of the rows `keep` (indices into this one), in that order."""
-        keep = list(keep)
-        for index in keep:
-            if not 0 <= index < len(self):
-                raise ValueError(f"row index {index} out of range for a batch of {len(self)}")
-        if len(set(keep)) != len(keep):
-            raise ValueError(f"row indices must be unique, got {keep}")
-        token_counts = None
-        if self._token_counts is not None:
-            rows = torch.tensor(keep, dtype=torch.int64, device=self.device)
-            token_counts = self._token_counts.select(rows)
-        return NextTokenChooser(
-            [self.params[i] for i in keep],
-            [self._generators[i] for i in keep],
-            token_counts,
-            self.vocab_size,
-            self.device,
-        )
-
-    @classmethod
-    def concatenate(cls, choosers: Sequence[NextTokenChooser]) -> NextTokenChooser:
-        """One chooser with the rows of all, in order."""
-        if not choosers:
-            raise ValueError("cannot concatenate an empty list of choosers")
-        vocab_size, device = choosers[0].vocab_size, choosers[0].device
-        for chooser in choosers:
-            if chooser.vocab_size != vocab_size or chooser.device != device:
-                raise ValueError(
-                    f"cannot concatenate a chooser for vocab {chooser.vocab_size} on {chooser.device} "
-                    f"with one for vocab {vocab_size} on {device}"
-                )
-        token_counts = None
-        if any(chooser._token_counts is not None for chooser in choosers):
-            parts = [
-                chooser._token_counts or _TokenCounts.uncounted(len(chooser), vocab_size, device)
-                for chooser in choosers
-            ]
-            token_counts = _TokenCounts(
-                torch.cat([part.counts for part in parts]), torch.cat([part.lengths for part in parts])
-            )
-        return cls(
-            [p for chooser in choosers for p in chooser.params],
-            [g for chooser in choosers for g in chooser._generators],
-            token_counts,
-            vocab_size,
-            device,
-        )
+def choose_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V], row i for samplers[i]. Returns (next_ids [B] int64, logprobs [B, V] float32 = log_softmax
+    of the processed scores), and records each chosen id in its sampler."""
+    scores = process(logits, samplers)
+    logprobs = torch.log_softmax(scores, dim=-1)
+    next_ids = scores.argmax(dim=-1)
+    sampled = _rows_where([s.generator is not None for s in samplers], logits.device)
+    if sampled is not None:
+        generators = [samplers[i].generator for i in sampled.tolist()]
+        next_ids = next_ids.index_copy(0, sampled, _draw(logprobs.index_select(0, sampled).exp(), generators))
+    for sampler, token_id in zip(samplers, next_ids.tolist()):
+        sampler.record(token_id)
+    return next_ids, logprobs
 
 
 def top_n_tokens(logprobs: torch.Tensor, top_n: Sequence[int]) -> list[tuple[list[int], list[float]]]:

@@ -3,16 +3,16 @@
 Modules keep the checkpoint's names (`tok_embeddings`, `attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`,
 `attention_norm`, `ffn_norm`, `norm`, `output`), so loading is a walk over those names with no mapping table.
 The one transformation is the fused `wqkv`, which is de-interleaved once at load time (see `split_wqkv`).
-The model code is device-neutral; the Ascend NPU runs it through the fused kernels chosen by the device layer.
+The model code is device-neutral: normalisation, rotary, the SwiGLU activation and paged attention are calls to
+the `ops` backend chosen for the device (`text_generation_server.ops`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
+from text_generation_server.layers.attention import PagedSelfAttention
 from text_generation_server.layers.layernorm import RMSNorm
 from text_generation_server.layers.linear import (
     Linear,
@@ -22,6 +22,7 @@ from text_generation_server.layers.linear import (
     load_column_shard,
 )
 from text_generation_server.models.config import ModelConfig
+from text_generation_server.ops import AttentionMetadata, KVCache, Ops
 
 
 def split_wqkv(
@@ -59,13 +60,13 @@ def fuse_wqkv(
 
 
 class InternLM2Attention(PagedSelfAttention):
-    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int, ops: Ops):
         tp = weights.tp
         hidden, heads, kv_heads, head_dim = (
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )
         local_kv_heads = kv_heads // tp.world_size
-        super().__init__(heads // tp.world_size, local_kv_heads, head_dim, layer_index)
+        super().__init__(heads // tp.world_size, local_kv_heads, head_dim, layer_index, ops)
         # Groups are contiguous, so an even row block of wqkv holds exactly KV/world whole groups: q heads
         # r·H/world… and their key/value heads. Each rank then splits its block with the same formula.
         rows = (heads + 2 * kv_heads) * head_dim
@@ -92,25 +93,26 @@ class InternLM2Attention(PagedSelfAttention):
 class InternLM2MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) · w3 x); w1/w3 split by output rows, w2 by input columns."""
 
-    def __init__(self, prefix: str, config: ModelConfig, weights):
+    def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
+        self.ops = ops
         self.w1 = load_column_shard(weights, f"{prefix}.w1", hidden, inner)
         self.w3 = load_column_shard(weights, f"{prefix}.w3", hidden, inner)
         self.w2 = RowParallelLinear.load(weights, f"{prefix}.w2", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.ops.silu_and_mul(self.w1(x), self.w3(x)))
 
 
 class InternLM2DecoderLayer(nn.Module):
-    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int, ops: Ops):
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.attention_norm = RMSNorm.load(weights, f"{prefix}.attention_norm", hidden, eps)
-        self.attention = InternLM2Attention(f"{prefix}.attention", config, weights, layer_index)
-        self.ffn_norm = RMSNorm.load(weights, f"{prefix}.ffn_norm", hidden, eps)
-        self.feed_forward = InternLM2MLP(f"{prefix}.feed_forward", config, weights)
+        self.attention_norm = RMSNorm.load(weights, f"{prefix}.attention_norm", hidden, eps, ops)
+        self.attention = InternLM2Attention(f"{prefix}.attention", config, weights, layer_index, ops)
+        self.ffn_norm = RMSNorm.load(weights, f"{prefix}.ffn_norm", hidden, eps, ops)
+        self.feed_forward = InternLM2MLP(f"{prefix}.feed_forward", config, weights, ops)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), kv_cache, meta)
@@ -118,16 +120,16 @@ class InternLM2DecoderLayer(nn.Module):
 
 
 class InternLM2Model(nn.Module):
-    def __init__(self, prefix: str, config: ModelConfig, weights):
+    def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         self.tok_embeddings = VocabParallelEmbedding.load(
             weights, f"{prefix}.tok_embeddings", config.vocab_size, config.hidden_size
         )
         self.layers = nn.ModuleList(
-            InternLM2DecoderLayer(f"{prefix}.layers.{i}", config, weights, i)
+            InternLM2DecoderLayer(f"{prefix}.layers.{i}", config, weights, i, ops)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.tok_embeddings(input_ids)
@@ -137,9 +139,9 @@ class InternLM2Model(nn.Module):
 
 
 class FlashInternlm2ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, weights):
+    def __init__(self, config: ModelConfig, weights, ops: Ops):
         super().__init__()
-        self.model = InternLM2Model("model", config, weights)
+        self.model = InternLM2Model("model", config, weights, ops)
         self.output = ParallelLMHead.load(weights, "output", config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:

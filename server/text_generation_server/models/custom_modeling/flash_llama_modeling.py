@@ -7,10 +7,9 @@ forward does one projection.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from text_generation_server.layers.attention import AttentionMetadata, KVCache, PagedSelfAttention
+from text_generation_server.layers.attention import PagedSelfAttention
 from text_generation_server.layers.layernorm import RMSNorm
 from text_generation_server.layers.linear import (
     Linear,
@@ -21,13 +20,15 @@ from text_generation_server.layers.linear import (
     load_column_shard,
 )
 from text_generation_server.models.config import ModelConfig
+from text_generation_server.ops import AttentionMetadata, KVCache, Ops
 
 
 class LlamaAttention(PagedSelfAttention):
-    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int, ops: Ops):
         world = weights.tp.world_size
         super().__init__(
-            config.num_attention_heads // world, config.num_key_value_heads // world, config.head_dim, layer_index
+            config.num_attention_heads // world, config.num_key_value_heads // world, config.head_dim, layer_index,
+            ops,
         )
         hidden, bias = config.hidden_size, config.attention_bias
         q_rows = config.num_attention_heads * config.head_dim
@@ -53,25 +54,26 @@ class LlamaAttention(PagedSelfAttention):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate x) · up x); gate/up split by output rows, down by input columns."""
 
-    def __init__(self, prefix: str, config: ModelConfig, weights):
+    def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
+        self.ops = ops
         self.gate_proj = load_column_shard(weights, f"{prefix}.gate_proj", hidden, inner)
         self.up_proj = load_column_shard(weights, f"{prefix}.up_proj", hidden, inner)
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int):
+    def __init__(self, prefix: str, config: ModelConfig, weights, layer_index: int, ops: Ops):
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm", hidden, eps)
-        self.self_attn = LlamaAttention(f"{prefix}.self_attn", config, weights, layer_index)
-        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", hidden, eps)
-        self.mlp = LlamaMLP(f"{prefix}.mlp", config, weights)
+        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm", hidden, eps, ops)
+        self.self_attn = LlamaAttention(f"{prefix}.self_attn", config, weights, layer_index, ops)
+        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", hidden, eps, ops)
+        self.mlp = LlamaMLP(f"{prefix}.mlp", config, weights, ops)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), kv_cache, meta)
@@ -79,15 +81,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, prefix: str, config: ModelConfig, weights):
+    def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding.load(
             weights, f"{prefix}.embed_tokens", config.vocab_size, config.hidden_size
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(f"{prefix}.layers.{i}", config, weights, i) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(f"{prefix}.layers.{i}", config, weights, i, ops) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -97,9 +99,9 @@ class LlamaModel(nn.Module):
 
 
 class FlashLlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, weights):
+    def __init__(self, config: ModelConfig, weights, ops: Ops):
         super().__init__()
-        self.model = LlamaModel("model", config, weights)
+        self.model = LlamaModel("model", config, weights, ops)
         # A tied head reuses the embedding; some tied checkpoints still carry a copy of it as lm_head.weight.
         if config.tie_word_embeddings and not weights.has("lm_head.weight"):
             self.lm_head = ParallelLMHead(self.model.embed_tokens.weight, config.vocab_size, weights.tp)

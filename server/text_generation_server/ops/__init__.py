@@ -1,0 +1,124 @@
+"""Kernels behind one interface, chosen once per device.
+
+Everything a model runs that a device may want to fuse or replace is a method of an `Ops` backend:
+RMSNorm, rotary, the SwiGLU activation, writing keys/values into the paged KV cache and attention over it.
+A backend also owns the KV cache: its tensor layout and its block-size rules, because the device kernels each
+prescribe their own. Model code calls these methods and never a device library.
+
+`select_ops(device)` picks the backend once, when the model is built. `ReferenceOps` (pure PyTorch) runs on
+every device and is the exactness anchor that faster backends are tested against.
+
+The attention contract (`AttentionMetadata`) is one ragged batch per forward: B requests, request i computing
+`query_lens[i]` new tokens that sit at the end of its `context_lens[i]`-token context, packed request after
+request into T tokens. A decoding request is a one-token chunk; a prompt computed from an empty cache is a
+chunk with no cached prefix. A backend reads the context through `block_tables` in place: nothing in the
+contract asks for a copy of a sequence's context, and attention memory must not grow with its length.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """What every layer needs for one forward; built once per step by the engine, read by the backend."""
+
+    query_lens: list[int]  # [B] new tokens of each request (1 for a decoding request)
+    context_lens: list[int]  # [B] tokens in the cache once this step's keys are written (prefix + new)
+    block_tables: torch.Tensor  # [B, W] int64 block ids in position order, padded with 0 past each context
+    positions: torch.Tensor  # [T] int64 position of each new token in its sequence
+    slots: torch.Tensor  # [T] int64 flat cache row of each new token: block * block_size + offset
+    cos: torch.Tensor  # [T, D/2] rotary tables in the model dtype
+    sin: torch.Tensor  # [T, D/2]
+    query_starts: list[int] = field(init=False)  # [B + 1] row of each request's first new token, then T
+
+    def __post_init__(self) -> None:
+        assert len(self.query_lens) == len(self.context_lens) == self.block_tables.shape[0]
+        assert all(0 < n <= length for n, length in zip(self.query_lens, self.context_lens))
+        self.query_starts = [0, *itertools.accumulate(self.query_lens)]
+        assert self.query_starts[-1] == self.positions.shape[0] == self.slots.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_starts[-1]
+
+
+class KVCache:
+    """Keys and values of every layer, `num_blocks` blocks of `block_size` token slots each.
+
+    The tensors' layout belongs to the backend that made them (`Ops.allocate_kv_cache`): only its own
+    `write_kv` and `paged_attention` read them. Everyone else knows blocks by id and slots as
+    `block_id * block_size + offset`.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], num_blocks: int, block_size: int):
+        assert len(keys) == len(values)
+        self.keys = keys
+        self.values = values
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class Ops:
+    """The interface; every method is implemented by `ReferenceOps`, which other backends subclass."""
+
+    name = "interface"
+    default_block_size = 16
+
+    def check_kv_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Raise ValueError, naming the value, for a KV cache shape this backend's kernels cannot use."""
+        raise NotImplementedError
+
+    def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        raise NotImplementedError
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> KVCache:
+        raise NotImplementedError
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, hidden] -> weight * x / sqrt(mean(x²) + eps), same dtype as x."""
+        raise NotImplementedError
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half rotary: x [T, heads, D], cos/sin [T, D/2] -> rotated x."""
+        raise NotImplementedError
+
+    def silu_and_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's activation: silu(gate) * up, both [T, inner]."""
+        raise NotImplementedError
+
+    def write_kv(
+        self, kv_cache: KVCache, layer: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Store the new tokens' key/value [T, KV, D] at `meta.slots` of layer `layer`."""
+        raise NotImplementedError
+
+    def paged_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, layer: int,
+        meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        """query [T, H, D] -> [T, H, D]: each new token attends causally to its request's whole context.
+
+        Called after `write_kv`, so the context (cached prefix and new tokens) is in the cache; `key` and `value`
+        [T, KV, D] are the new tokens' own, for backends that want them. Query heads h·G … h·G + G − 1 share KV
+        head h (G = H / KV).
+        """
+        raise NotImplementedError
+
+
+def select_ops(device: torch.device) -> Ops:
+    """The backend for `device`. Every device runs the pure-PyTorch reference for now."""
+    from text_generation_server.ops.reference import ReferenceOps
+
+    return ReferenceOps()

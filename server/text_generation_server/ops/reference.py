@@ -1,0 +1,292 @@
+"""The pure-PyTorch backend: the exactness anchor, and what a device runs until it has a faster one.
+
+KV layout: per layer one key and one value tensor of shape [num_blocks, block_size, KV, D]; its flat view
+[num_blocks * block_size, KV, D] is indexed by slot. Any block size of at least one token works.
+
+Attention reads the context through the block table a tile of blocks at a time and merges the tiles, so its
+memory is bounded by `TILE_BYTES` whatever the context length: a 4,096-token chunk against a 200k-token context
+never holds its score matrix. Two ways to merge, with the same result:
+  * an online softmax (running maximum, running sum and running output, in float32) over matmul tiles: plain
+    tensor code that runs on every device;
+  * on CPU, PyTorch's fused attention kernel, which also returns each query row's log-sum-exp: each tile is one
+    fused call and the tiles are merged by their log-sum-exps (5–6× faster on long contexts).
+Two cases need no merging: a chunk with no cached prefix (causal attention over its own keys, a plain prefill)
+and decoding whose contexts all fit one tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from text_generation_server.ops import AttentionMetadata, KVCache, Ops
+
+TILE_BYTES = 64 << 20  # bound on the float32 scores of one tile (the gathered keys/values come on top)
+MIN_TILE_TOKENS = 64
+
+
+class _OnlineSoftmax:
+    """softmax(scores) @ values accumulated over key tiles, in float32.
+
+    Invariant: every query row sees at least one key in the first tile it is given, so the running maximum is
+    finite from then on and fully masked rows of later tiles contribute exp(-inf) = 0, never NaN.
+    """
+
+    def __init__(self, rows: tuple[int, ...], head_dim: int, device: torch.device):
+        self.maximum = torch.full((*rows, 1), -math.inf, device=device)
+        self.total = torch.zeros((*rows, 1), device=device)
+        self.output = torch.zeros((*rows, head_dim), device=device)
+
+    def add(self, scores: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """scores [..., span] float32 (masked keys at -inf), values [..., span, D]; `rows` indexes the first dim."""
+        maximum = self.maximum if rows is None else self.maximum[rows]
+        total = self.total if rows is None else self.total[rows]
+        output = self.output if rows is None else self.output[rows]
+        new_maximum = torch.maximum(maximum, scores.amax(dim=-1, keepdim=True))
+        probs = scores.sub_(new_maximum).exp_()
+        correction = torch.exp(maximum - new_maximum)
+        total = total * correction + probs.sum(dim=-1, keepdim=True)
+        output = output * correction + torch.matmul(probs.to(values.dtype), values).float()
+        if rows is None:
+            self.maximum, self.total, self.output = new_maximum, total, output
+        else:
+            self.maximum[rows], self.total[rows], self.output[rows] = new_maximum, total, output
+
+    def result(self) -> torch.Tensor:
+        return self.output / self.total
+
+
+class ReferenceOps(Ops):
+    name = "reference"
+
+    # ----- KV cache -------------------------------------------------------------------------------------
+
+    def check_kv_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+        if block_size < 1:
+            raise ValueError(f"the KV block size must be at least one token, got {block_size}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"the KV cache needs a floating-point dtype, got {dtype}")
+
+    def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Key + value of one token in every layer: sized by the KV heads, not the attention heads."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> KVCache:
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+        self.check_kv_layout(block_size, head_dim, dtype)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return KVCache(keys, values, num_blocks, block_size)
+
+    # ----- pointwise ------------------------------------------------------------------------------------
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # the statistics in float32 whatever the model dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def silu_and_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+    # ----- attention ------------------------------------------------------------------------------------
+
+    def write_kv(
+        self, kv_cache: KVCache, layer: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        key_cache, value_cache = kv_cache.keys[layer], kv_cache.values[layer]
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, meta.slots, key)
+        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, meta.slots, value)
+
+    def paged_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, layer: int,
+        meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        key_cache, value_cache = kv_cache.keys[layer], kv_cache.values[layer]
+        starts = meta.query_starts
+        single = [i for i, n in enumerate(meta.query_lens) if n == 1]
+        if len(single) == len(meta.query_lens):  # a pure decode step: one query row per request
+            lengths = meta.context_lens
+            return _single_token_attention(query, key_cache, value_cache, meta.block_tables, lengths, scale)
+        out = torch.empty_like(query)
+        if single:
+            rows = torch.tensor([starts[i] for i in single], device=query.device)
+            tables = meta.block_tables[torch.tensor(single, device=query.device)]
+            lengths = [meta.context_lens[i] for i in single]
+            out[rows] = _single_token_attention(query[rows], key_cache, value_cache, tables, lengths, scale)
+        for i, n in enumerate(meta.query_lens):
+            if n == 1:
+                continue
+            start, stop = starts[i], starts[i + 1]
+            if meta.context_lens[i] == n:  # no cached prefix: causal attention within the chunk itself
+                out[start:stop] = _causal_attention(query[start:stop], key[start:stop], value[start:stop], scale)
+            elif _fused_with_lse_available(query):
+                out[start:stop] = _fused_chunk_attention(
+                    query[start:stop], key[start:stop], value[start:stop], key_cache, value_cache,
+                    meta.block_tables[i], meta.context_lens[i], scale,
+                )
+            else:
+                out[start:stop] = _chunk_attention(
+                    query[start:stop], key_cache, value_cache, meta.block_tables[i], meta.context_lens[i], scale
+                )
+        return out
+
+
+def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [n, H, D], key/value [n, KV, D] of one sequence starting at position 0 -> [n, H, D]."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # (1, heads, n, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _tile_tokens(bytes_per_token: int, block_size: int) -> int:
+    """Keys per tile, a whole number of blocks, so that one tile takes about TILE_BYTES."""
+    tokens = max(TILE_BYTES // max(bytes_per_token, 1), MIN_TILE_TOKENS)
+    return max(tokens // block_size, 1) * block_size
+
+
+def _gather_tile(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [N, BS, KV, D], blocks [..., t] -> [..., KV, t·BS, D]: a tile's keys (or values) in position order."""
+    tile = cache[blocks]  # (..., t, BS, KV, D)
+    return tile.flatten(-4, -3).transpose(-3, -2)
+
+
+def _single_token_attention(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: list[int], scale: float,
+) -> torch.Tensor:
+    """One new token per request, query [b, H, D], attends to its context_lens[r] cached tokens -> [b, H, D]."""
+    batch, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = heads // kv_heads
+    device = query.device
+    q = query.view(batch, kv_heads, group, head_dim)  # the query heads of one KV head are consecutive
+    lengths = torch.tensor(context_lens, device=device)
+    # per key token: the float32 scores of every row, and the gathered keys and values
+    tile_blocks = _tile_tokens(
+        batch * (heads * 4 + 2 * kv_heads * head_dim * key_cache.element_size()), block_size
+    ) // block_size
+    num_blocks = math.ceil(max(context_lens) / block_size)
+
+    if num_blocks <= tile_blocks:  # every context fits one tile: a plain softmax
+        keys = _gather_tile(key_cache, block_tables[:, :num_blocks])  # (b, KV, span, D)
+        values = _gather_tile(value_cache, block_tables[:, :num_blocks])
+        hidden = torch.arange(keys.shape[2], device=device)[None, :] >= lengths[:, None]  # (b, span)
+        if query.dtype == torch.float32:
+            out = F.scaled_dot_product_attention(
+                query.unsqueeze(2), keys, values, attn_mask=~hidden[:, None, None, :], scale=scale, enable_gqa=True
+            )
+            return out.squeeze(2)
+        # Half precision: batched matmuls with a float32 softmax. For one query token they run ~2.5× faster
+        # than the CPU flash-attention kernel, which is slow in bfloat16.
+        scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale  # (b, KV, G, span)
+        scores.masked_fill_(hidden[:, None, None, :], -math.inf)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # (b, KV, G, D)
+        return out.view(batch, heads, head_dim)
+
+    state = _OnlineSoftmax((batch, kv_heads, group), head_dim, device)
+    for first in range(0, num_blocks, tile_blocks):
+        start = first * block_size
+        reaching = [r for r, length in enumerate(context_lens) if length > start]  # rows with keys in this tile
+        rows = None if len(reaching) == batch else torch.tensor(reaching, device=device)
+        tables = block_tables if rows is None else block_tables[rows]
+        keys = _gather_tile(key_cache, tables[:, first : first + tile_blocks])  # (r, KV, span, D)
+        values = _gather_tile(value_cache, tables[:, first : first + tile_blocks])
+        scores = torch.matmul(q if rows is None else q[rows], keys.transpose(2, 3)).float() * scale  # (r, KV, G, span)
+        positions = start + torch.arange(keys.shape[2], device=device)
+        row_lengths = lengths if rows is None else lengths[rows]
+        scores.masked_fill_((positions[None, :] >= row_lengths[:, None])[:, None, None, :], -math.inf)
+        state.add(scores, values, rows)
+    return state.result().to(query.dtype).view(batch, heads, head_dim)
+
+
+def _chunk_attention(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+    context_len: int, scale: float,
+) -> torch.Tensor:
+    """The last n tokens of one request's context, query [n, H, D], attend causally to everything before them
+    and to each other: query row i (position p0 + i, p0 = context_len - n) sees keys 0 … p0 + i. -> [n, H, D]
+
+    In float32, over tiles of queries × tiles of keys; a query tile's G query heads of one KV head are stacked
+    into its rows so that each tile is one batched matmul per KV head.
+    """
+    n, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = heads // kv_heads
+    device = query.device
+    first_position = context_len - n
+    q = (query.float() * scale).view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (KV, G, n, D)
+    query_tile = min(n, 1024)
+    key_tile = _tile_tokens(heads * query_tile * 4, block_size)
+    out = torch.empty((kv_heads, group, n, head_dim), device=device)
+    for q_start in range(0, n, query_tile):
+        q_stop = min(n, q_start + query_tile)
+        rows = q_stop - q_start
+        q_tile = q[:, :, q_start:q_stop].reshape(kv_heads, group * rows, head_dim)
+        q_positions = first_position + torch.arange(q_start, q_stop, device=device)  # (qt,)
+        visible = first_position + q_stop  # keys [0, visible) matter to this query tile
+        state = _OnlineSoftmax((kv_heads, group * rows), head_dim, device)
+        for k_start in range(0, visible, key_tile):
+            k_stop = min(visible, k_start + key_tile)
+            blocks = block_table[k_start // block_size : math.ceil(k_stop / block_size)]
+            keys = _gather_tile(key_cache, blocks)[:, : k_stop - k_start].float()  # (KV, span, D)
+            values = _gather_tile(value_cache, blocks)[:, : k_stop - k_start].float()
+            scores = torch.matmul(q_tile, keys.transpose(1, 2))  # (KV, G·qt, span)
+            if k_stop - 1 > first_position + q_start:  # the tile reaches past the first query: causal mask
+                k_positions = k_start + torch.arange(k_stop - k_start, device=device)
+                future = k_positions[None, :] > q_positions[:, None]  # (qt, span)
+                scores.view(kv_heads, group, rows, -1).masked_fill_(future, -math.inf)
+            state.add(scores, values)
+        out[:, :, q_start:q_stop] = state.result().view(kv_heads, group, rows, head_dim)
+    return out.permute(2, 0, 1, 3).reshape(n, heads, head_dim).to(query.dtype)
+
+
+def _fused_with_lse_available(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _fused_chunk_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    block_table: torch.Tensor, context_len: int, scale: float,
+) -> torch.Tensor:
+    """`_chunk_attention` with CPU's fused kernel: the chunk's own keys (key/value [n, KV, D]) attended causally,
+    then the cached prefix a tile at a time, each part giving its output and log-sum-exp, merged exactly."""
+    n, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = heads // kv_heads
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q = query.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+
+    def attend(keys: torch.Tensor, values: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [t, KV, D] -> output (H, n, D) float32 and log-sum-exp (H, n)."""
+        k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (keys, values))  # (1, H, t, D)
+        out, lse = fused(q, k, v, 0.0, causal, attn_mask=None, scale=scale)
+        return out[0].float(), lse[0]
+
+    # the chunk's own keys: queries and keys both start at its first position, so causal is top-left aligned
+    out, lse = attend(key, value, causal=True)
+    prefix = context_len - n
+    tile = _tile_tokens(2 * heads * head_dim * key_cache.element_size(), block_size)  # the expanded keys/values
+    for start in range(0, prefix, tile):
+        stop = min(prefix, start + tile)
+        blocks = block_table[start // block_size : math.ceil(stop / block_size)]
+        keys = key_cache[blocks].flatten(0, 1)[: stop - start]  # (t, KV, D)
+        values = value_cache[blocks].flatten(0, 1)[: stop - start]
+        tile_out, tile_lse = attend(keys, values, causal=False)
+        merged = torch.logaddexp(lse, tile_lse)
+        out = out * torch.exp(lse - merged)[..., None] + tile_out * torch.exp(tile_lse - merged)[..., None]
+        lse = merged
+    return out.transpose(0, 1).to(query.dtype)
