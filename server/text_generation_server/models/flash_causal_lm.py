@@ -339,6 +339,8 @@ class FlashCausalLM:
             if row.samples and last not in wanted[-1:]:
                 wanted.append(last)
             logits_rows.extend(wanted)
+        if not logits_rows:  # every request is in the middle of its prompt
+            return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32), logits_rows
         index = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, index)), logits_rows
 

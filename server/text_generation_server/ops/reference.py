@@ -268,24 +268,27 @@ def _fused_chunk_attention(
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = heads // kv_heads
     fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    # The chunk's own keys, causally: queries and keys both start at its first position (top-left aligned). The
+    # chunk is at most one step's tokens, so its keys are simply repeated for each query head.
     q = query.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+    k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (key, value))  # (1, H, n, D)
+    out, lse = fused(q, k, v, 0.0, True, attn_mask=None, scale=scale)
+    out, lse = out[0].float(), lse[0]  # (H, n, D), (H, n)
 
-    def attend(keys: torch.Tensor, values: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values [t, KV, D] -> output (H, n, D) float32 and log-sum-exp (H, n)."""
-        k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (keys, values))  # (1, H, t, D)
-        out, lse = fused(q, k, v, 0.0, causal, attn_mask=None, scale=scale)
-        return out[0].float(), lse[0]
-
-    # the chunk's own keys: queries and keys both start at its first position, so causal is top-left aligned
-    out, lse = attend(key, value, causal=True)
+    # The cached prefix, which every query sees whole: the G query heads of a KV head become G·n rows against
+    # that head's keys, so a (long) prefix tile is read as it is, never repeated per query head.
+    rows = query.view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, head_dim)
     prefix = context_len - n
-    tile = _tile_tokens(2 * heads * head_dim * key_cache.element_size(), block_size)  # the expanded keys/values
+    tile = _tile_tokens(2 * kv_heads * head_dim * key_cache.element_size(), block_size)
     for start in range(0, prefix, tile):
         stop = min(prefix, start + tile)
         blocks = block_table[start // block_size : math.ceil(stop / block_size)]
-        keys = key_cache[blocks].flatten(0, 1)[: stop - start]  # (t, KV, D)
-        values = value_cache[blocks].flatten(0, 1)[: stop - start]
-        tile_out, tile_lse = attend(keys, values, causal=False)
+        keys = key_cache[blocks].flatten(0, 1)[: stop - start].transpose(0, 1).unsqueeze(0)  # (1, KV, t, D)
+        values = value_cache[blocks].flatten(0, 1)[: stop - start].transpose(0, 1).unsqueeze(0)
+        tile_out, tile_lse = fused(rows, keys, values, 0.0, False, attn_mask=None, scale=scale)
+        tile_out = tile_out.reshape(heads, n, head_dim).float()  # rows (kv, g, i): head kv·G + g, query i
+        tile_lse = tile_lse.reshape(heads, n)
         merged = torch.logaddexp(lse, tile_lse)
         out = out * torch.exp(lse - merged)[..., None] + tile_out * torch.exp(tile_lse - merged)[..., None]
         lse = merged
