@@ -13,20 +13,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from text_generation_router.text import TextStream
+from fake_infer import FakeInfer
 from text_generation_router.types import (
-    GenerationError,
-    OverloadedError,
     RouterLimits,
     RouterState,
     ShardInfo,
-    StreamEnd,
-    StreamToken,
     Token,
 )
 from text_generation_router.validation import Validation
@@ -47,115 +42,28 @@ def fake_ids(input_ids, count: int) -> list[int]:
     return [10 + (sum(input_ids) * 31 + i * 17) % 900 for i in range(count)]
 
 
-@dataclass
-class FakeInfer:
-    """Generates fake_ids(prompt) (the tokenizer's ordinary ids) with the router's text rule (`TextStream`),
-    and ends as the shard and scheduler do: max_new_tokens (length) first, then an EOS or stop token id
-    (eos_token, unless ignore_eos_token), then a stop sequence in the text. The last StreamToken carries the
-    StreamEnd."""
+class GrpcFakeInfer(FakeInfer):
+    """Generates fake_ids(prompt) (the tokenizer's ordinary ids); the chosen token ranks second among its top
+    tokens; prompt tokens come with logprob -2."""
 
-    tokenizer: Tokenizer
-    eos_ids: tuple[int, ...] = (2,)
-    delay: float = 0.0  # seconds per token
-    max_concurrent: int = 8
-    fail_at: int | None = None  # raise GenerationError at this token index
-    active: int = 0
-    cancelled: int = 0
-    requests: list = field(default_factory=list)
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer, eos_ids=(2,), max_concurrent=8)
 
-    def stream(self, request):
-        if self.active >= self.max_concurrent:
-            raise OverloadedError()  # before any iteration, as Infer.stream
-        self.active += 1
-        self.requests.append(request)
-        return FakeStream(self, self._run(request))
+    def token_ids(self, request) -> list[int]:
+        return fake_ids(request.input_ids, request.max_new_tokens)
 
-    async def _run(self, request):
-        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)
-        sampled = request.parameters.do_sample
-        for i, token_id in enumerate(fake_ids(request.input_ids, request.max_new_tokens)):
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.fail_at == i:
-                raise GenerationError("the shard failed")
-            piece = text.push(token_id)
-            if i + 1 >= request.max_new_tokens:
-                reason = "length"
-            elif not request.ignore_eos_token and (
-                token_id in self.eos_ids or token_id in request.stop_token_ids
-            ):
-                reason = "eos_token"
-            elif text.stopped:
-                reason = "stop_sequence"
-            else:
-                reason = None
-            end = None
-            if reason is not None:
-                piece += text.flush()
-                end = StreamEnd(
-                    generated_text=text.text,
-                    finish_reason=reason,
-                    generated_tokens=i + 1,
-                    seed=request.parameters.seed if sampled else None,
-                    input_length=len(request.input_ids),
-                )
-            top = ()
-            if request.top_n_tokens:  # the chosen token ranks second
-                others = [Token(id=5 + j, text="x", logprob=-0.5 - j) for j in range(request.top_n_tokens)]
-                alone = self.tokenizer.decode([token_id])
-                top = tuple(
-                    sorted([*others[:1], Token(token_id, alone, -1.0), *others[1:]], key=lambda t: -t.logprob)
-                )
-                top = top[: request.top_n_tokens]
-            prefill = None
-            if i == 0 and request.prefill_logprobs:
-                prefill = tuple(
-                    Token(id=t, text="", logprob=None if j == 0 else -2.0)
-                    for j, t in enumerate(request.input_ids)
-                )
-            special = token_id in self.tokenizer.special_token_ids
-            yield StreamToken(
-                token=Token(token_id, piece, -1.0, special), top_tokens=top, prefill=prefill, end=end
+    def details(self, request, index: int, token_id: int) -> dict:
+        top = ()
+        if request.top_n_tokens:
+            others = [Token(id=5 + j, text="x", logprob=-0.5 - j) for j in range(request.top_n_tokens)]
+            chosen = Token(token_id, self.tokenizer.decode([token_id]), -1.0)
+            top = tuple(sorted([*others[:1], chosen, *others[1:]], key=lambda t: -t.logprob))[: request.top_n_tokens]
+        prefill = None
+        if index == 0 and request.prefill_logprobs:
+            prefill = tuple(
+                Token(id=t, text="", logprob=None if j == 0 else -2.0) for j, t in enumerate(request.input_ids)
             )
-            if end is not None:
-                return
-
-
-class FakeStream:
-    """Like Infer's stream: its last token (the one with `.end`), an error or closing it releases the slot;
-    closing it before the end counts as a cancellation."""
-
-    def __init__(self, infer: FakeInfer, items):
-        self.infer, self.items, self.done = infer, items, False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.done:
-            raise StopAsyncIteration
-        try:
-            item = await self.items.__anext__()
-        except asyncio.CancelledError:
-            self._finish(cancelled=True)
-            raise
-        except BaseException:
-            self._finish(cancelled=False)
-            raise
-        assert isinstance(item, StreamToken), item  # the contract: StreamTokens only
-        if item.end is not None:
-            self._finish(cancelled=False)
-        return item
-
-    async def aclose(self):
-        self._finish(cancelled=True)
-        await self.items.aclose()
-
-    def _finish(self, cancelled: bool) -> None:
-        if not self.done:
-            self.done = True
-            self.infer.active -= 1
-            self.infer.cancelled += cancelled
+        return {"logprob": -1.0, "top_tokens": top, "prefill": prefill}
 
 
 class Server:
@@ -186,7 +94,7 @@ def tokenizer(tiny_internlm2_dir):
 
 @pytest.fixture(scope="module")
 def api(tokenizer):
-    infer = FakeInfer(tokenizer)
+    infer = GrpcFakeInfer(tokenizer)
     shard = ShardInfo(
         model_id="tiny",
         architecture="InternLM2ForCausalLM",

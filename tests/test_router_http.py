@@ -4,7 +4,6 @@ and a deterministic fake `Infer` (no shard), driven by httpx, the official `text
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -20,15 +19,12 @@ from text_generation.errors import OverloadedError as ClientOverloaded
 from text_generation.errors import ValidationError as ClientValidationError
 from text_generation_router.chat import TemplateError, encode_chat, render_chat
 from text_generation_router.http import create_app
-from text_generation_router.text import TextStream
+from fake_infer import FakeInfer
 from text_generation_router.types import (
     GenerationRequest,
-    OverloadedError,
     RouterLimits,
     RouterState,
     ShardInfo,
-    StreamEnd,
-    StreamToken,
     Token,
 )
 from text_generation_router.validation import Validation
@@ -47,139 +43,38 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # text_ge
 STOP_EARLY = "please stop early"  # prompts containing this end with <|im_end|> after 3 tokens
 
 
-class FakeInfer:
-    """Deterministic tokens from the prompt (and seed when sampling), with the router's text rule
-    (`TextStream`: special tokens carry no text). Ends as the shard and scheduler do: max_new_tokens (length)
-    first, then an EOS id or one of `request.stop_token_ids` (eos_token, unless ignore_eos_token), then a stop
-    sequence in the text; the last StreamToken carries the StreamEnd. Honours cancellation; `stream()` refuses
-    with OverloadedError above `max_concurrent`, before any iteration."""
+class HttpFakeInfer(FakeInfer):
+    """Deterministic tokens from the prompt (and the seed when sampling); a prompt containing STOP_EARLY gets
+    <|im_end|> as its third token."""
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: tuple[int, ...]):
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
+        super().__init__(tokenizer, eos_ids, max_concurrent=LIMITS.max_concurrent_requests)
         self.im_end = tokenizer.token_to_id("<|im_end|>")
-        self.max_concurrent = LIMITS.max_concurrent_requests
-        self.active = 0
-        self.delay = 0.0
-        self.requests: list[GenerationRequest] = []
-        self.cancelled = 0
-        self.completed = 0
+
+    @staticmethod
+    def sampled(request: GenerationRequest) -> bool:
+        return request.parameters.do_sample or request.parameters.temperature != 1.0
 
     def token_ids(self, request: GenerationRequest) -> list[int]:
-        sampled = request.parameters.do_sample or request.parameters.temperature != 1.0
-        base = sum(request.input_ids) + (request.parameters.seed % 97 if sampled else 0)
+        base = sum(request.input_ids) + (request.parameters.seed % 97 if self.sampled(request) else 0)
         ids = [300 + (base + 37 * i) % 600 for i in range(request.max_new_tokens)]
         if STOP_EARLY in self.tokenizer.decode(list(request.input_ids)) and len(ids) > 3:
             ids[2] = self.im_end
         return ids
 
-    def stream(self, request: GenerationRequest) -> FakeStream:
-        if self.active >= self.max_concurrent:
-            raise OverloadedError()
-        self.active += 1
-        self.requests.append(request)
-        return FakeStream(self, self._run(request))
-
-    async def _run(self, request: GenerationRequest):
-        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)
-        sampled = request.parameters.do_sample or request.parameters.temperature != 1.0
-        for i, token_id in enumerate(self.token_ids(request)):
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            else:
-                await asyncio.sleep(0)
-            piece = text.push(token_id)
-            generated = i + 1
-            if generated >= request.max_new_tokens:
-                reason = "length"
-            elif not request.ignore_eos_token and (
-                token_id in self.eos_ids or token_id in request.stop_token_ids
-            ):
-                reason = "eos_token"
-            elif text.stopped:
-                reason = "stop_sequence"
-            else:
-                reason = None
-            end = None
-            if reason is not None:
-                piece += text.flush()
-                end = StreamEnd(
-                    generated_text=text.text,
-                    finish_reason=reason,
-                    generated_tokens=generated,
-                    seed=request.parameters.seed if sampled else None,
-                    input_length=len(request.input_ids),
-                    queue_s=0.001,
-                    inference_s=0.002 * generated,
-                )
-            logprob = -0.1 * generated - (request.parameters.seed % 13) * 0.01 * sampled
-            top = tuple(
-                Token(id=token_id + k, text=self.tokenizer.decode([token_id + k]), logprob=logprob - k)
-                for k in range(request.top_n_tokens)
+    def details(self, request: GenerationRequest, index: int, token_id: int) -> dict:
+        logprob = -0.1 * (index + 1) - (request.parameters.seed % 13) * 0.01 * self.sampled(request)
+        top = tuple(
+            Token(id=token_id + k, text=self.tokenizer.decode([token_id + k]), logprob=logprob - k)
+            for k in range(request.top_n_tokens)
+        )
+        prefill = None
+        if index == 0 and request.prefill_logprobs:
+            prefill = tuple(
+                Token(id=t, text=self.tokenizer.decode([t]), logprob=None if j == 0 else -1.0)
+                for j, t in enumerate(request.input_ids)
             )
-            prefill = None
-            if i == 0 and request.prefill_logprobs:
-                prefill = tuple(
-                    Token(id=t, text=self.tokenizer.decode([t]), logprob=None if j == 0 else -1.0)
-                    for j, t in enumerate(request.input_ids)
-                )
-            special = token_id in self.tokenizer.special_token_ids
-            token = Token(token_id, piece, logprob, special)
-            yield StreamToken(token, top_tokens=top, prefill=prefill, end=end)
-            if end is not None:
-                return
-
-    async def generate(self, request: GenerationRequest):
-        tokens = []
-        stream = self.stream(request)
-        try:
-            async for item in stream:
-                tokens.append(item)
-                if item.end is not None:
-                    return tokens, item.end
-        finally:
-            await stream.aclose()
-        raise AssertionError("no end")
-
-
-class FakeStream:
-    """Like Infer's stream: its last token (the one with `.end`), an error or closing it releases the slot;
-    closing it before the end counts as a cancellation."""
-
-    def __init__(self, infer: FakeInfer, items):
-        self.infer, self.items, self.done = infer, items, False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> StreamToken:
-        if self.done:
-            raise StopAsyncIteration
-        try:
-            item = await self.items.__anext__()
-        except asyncio.CancelledError:
-            self._finish(cancelled=True)
-            raise
-        except BaseException:
-            self._finish(cancelled=False)
-            raise
-        assert isinstance(item, StreamToken), item  # the contract: StreamTokens only
-        if item.end is not None:
-            self._finish(cancelled=False)
-        return item
-
-    async def aclose(self) -> None:
-        self._finish(cancelled=True)
-        await self.items.aclose()
-
-    def _finish(self, cancelled: bool) -> None:
-        if not self.done:
-            self.done = True
-            self.infer.active -= 1
-            if cancelled:
-                self.infer.cancelled += 1
-            else:
-                self.infer.completed += 1
+        return {"logprob": logprob, "top_tokens": top, "prefill": prefill}
 
 
 def in_context(tokenizer: Tokenizer, prompt_ids, ids) -> str:
@@ -212,7 +107,7 @@ def server(tiny_internlm2_dir: Path):
         eos_token_ids=(2,),
         num_blocks=64,
     )
-    infer = FakeInfer(tokenizer, shard.eos_token_ids)
+    infer = HttpFakeInfer(tokenizer, shard.eos_token_ids)
     state = RouterState(
         infer=infer,
         validation=Validation(tokenizer, LIMITS),
@@ -822,7 +717,7 @@ def test_chat_adds_no_stop_token_when_im_end_is_an_eos_id(tiny_internlm2_dir):
         max_position_embeddings=512,
         eos_token_ids=(2, im_end),
     )
-    infer = FakeInfer(tokenizer, shard.eos_token_ids)
+    infer = HttpFakeInfer(tokenizer, shard.eos_token_ids)
     state = RouterState(
         infer=infer,
         validation=Validation(tokenizer, LIMITS),

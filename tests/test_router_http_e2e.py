@@ -169,6 +169,33 @@ def test_openai_clients(stack, engine, tokenizer):
     assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
 
 
+def test_streamed_and_final_texts_agree_on_every_route(stack):
+    """The same greedy request, streamed and not: the streamed texts joined, the stream's final text and the
+    non-streamed text are equal on /generate(_stream), /v1/completions and /v1/chat/completions."""
+    client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="-", timeout=60)
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        for prompt in [*PROMPTS, "数学 ünïcödé 🙂 mixed text"]:
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": 24, "details": True}}
+            events = sse_payloads(http.post("/generate_stream", json=body).text.splitlines())
+            final = http.post("/generate", json=body).json()
+            joined = "".join(e["token"]["text"] for e in events)
+            assert joined == events[-1]["generated_text"] == final["generated_text"]
+            assert [e["token"]["id"] for e in events] == [t["id"] for t in final["details"]["tokens"]]
+            assert all(e["token"]["text"] == "" for e in events if e["token"]["special"])
+
+            done = client.completions.create(model="tgi", prompt=prompt, max_tokens=24)
+            chunks = list(client.completions.create(model="tgi", prompt=prompt, max_tokens=24, stream=True))
+            assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text == final["generated_text"]
+
+            messages = [{"role": "user", "content": prompt}]
+            done = client.chat.completions.create(model="tgi", messages=messages, max_tokens=24, temperature=0)
+            chunks = list(client.chat.completions.create(
+                model="tgi", messages=messages, max_tokens=24, temperature=0, stream=True
+            ))
+            assert "".join(c.choices[0].delta.content for c in chunks) == done.choices[0].message.content
+            assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
 async def _stream(client: httpx.AsyncClient, prompt: str, max_new_tokens: int) -> list:
     body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
     async with client.stream("POST", "/generate_stream", json=body) as r:

@@ -178,11 +178,15 @@ def mean_logprob(tokens: list[StreamToken]) -> float:
 
 @dataclass
 class Step:
-    """One generated token as a stream sends it; `end` is set on the last token."""
+    """One generated token as a stream sends it, numbered from 1."""
 
-    index: int  # from 1
+    index: int
     token: StreamToken
-    end: StreamEnd | None = None
+
+    @property
+    def end(self) -> StreamEnd | None:
+        """Set on the last token."""
+        return self.token.end
 
 
 async def _aclose(iterator: Any) -> None:
@@ -205,7 +209,7 @@ class TokenStream:
         try:
             async for item in iterator:
                 index += 1
-                yield Step(index, item, item.end)
+                yield Step(index, item)
                 if item.end is not None:
                     return
             raise IncompleteGeneration()

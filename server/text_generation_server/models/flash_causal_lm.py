@@ -235,8 +235,9 @@ class FlashCausalLM:
         if self.requests:
             raise ValueError("prompt_logits overwrites the KV cache: use it only while no request is held")
         state = self._new_state(-1, NewRequest(token_ids=tuple(token_ids), prompt_length=len(token_ids)))
-        state.block_table = list(range(math.ceil(len(token_ids) / self.kv_cache.block_size)))
-        self._check_scheduled(ScheduledRequest(state.id, len(token_ids)), state)
+        blocks = tuple(range(math.ceil(len(token_ids) / self.kv_cache.block_size)))
+        self._check_scheduled(ScheduledRequest(state.id, len(token_ids), blocks), state)
+        state.block_table.extend(blocks)
         logits, _ = self._forward([_Row(state, len(token_ids), 0, False, range(len(token_ids)))])
         return logits
 
