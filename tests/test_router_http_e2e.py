@@ -53,7 +53,9 @@ def tokenizer(tiny_internlm2_dir):
 
 @pytest.fixture(scope="module")
 def stack(tiny_internlm2_dir, tmp_path_factory):
-    with start_stack(tiny_internlm2_dir, tmp_path_factory.mktemp("http-e2e"), grpc=False) as running:
+    # a step budget far below --max-input-tokens: every prompt past 12 tokens is prefilled in chunks
+    args = ["--max-batch-prefill-tokens", "12"]
+    with start_stack(tiny_internlm2_dir, tmp_path_factory.mktemp("http-e2e"), grpc=False, router_args=args) as running:
         yield running
 
 

@@ -178,7 +178,7 @@ class Scheduler:
         self._released: list[int] = []  # request ids the next step tells the shard to forget
         self._ids = itertools.count()
         self._admissions = itertools.count(1)
-        self.stats = {"steps": 0, "preempted": 0, "failed": 0, "max_running": 0}
+        self.stats = {"steps": 0, "preempted": 0, "max_running": 0}
         metrics.batch_max_total_tokens.set(blocks.capacity_tokens)
         metrics.kv_blocks_total.set(blocks.num_blocks)
 
@@ -191,10 +191,6 @@ class Scheduler:
     @property
     def running_size(self) -> int:
         return len(self._running)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._released)
 
     def blocks_needed(self, request: GenerationRequest) -> int:
         """Blocks a request holds at its longest: every position a step writes (the last token is not fed back)."""
@@ -521,7 +517,6 @@ class Scheduler:
         return outputs
 
     def _fail(self, seq: Sequence, error: Exception) -> Output:
-        self.stats["failed"] += 1
         if seq in self._running:
             self._retire(seq)
         seq.finished = True
