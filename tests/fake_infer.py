@@ -18,10 +18,26 @@ from text_generation_router.types import (
     GenerationError,
     GenerationRequest,
     OverloadedError,
+    RouterLimits,
+    RouterState,
+    ShardInfo,
     StreamEnd,
     StreamToken,
     Token,
 )
+from text_generation_router.validation import Validation
+
+
+def fake_state(infer: FakeInfer, limits: RouterLimits, model_id: str = "tiny") -> RouterState:
+    """What the router's front ends get, with `infer` instead of the scheduler and a tiny InternLM2's shard."""
+    shard = ShardInfo(
+        model_id=model_id, architecture="InternLM2ForCausalLM", dtype="float32", device_type="cpu", block_size=16,
+        world_size=1, vocab_size=1000, max_position_embeddings=512, eos_token_ids=tuple(infer.eos_ids), num_blocks=64,
+    )
+    return RouterState(
+        infer=infer, validation=Validation(infer.tokenizer, limits), tokenizer=infer.tokenizer, limits=limits,
+        shard=shard, model_id=model_id,
+    )
 
 
 class FakeInfer:

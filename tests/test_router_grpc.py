@@ -17,14 +17,12 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from fake_infer import FakeInfer
+from fake_infer import FakeInfer, fake_state
 from text_generation_router.types import (
     RouterLimits,
     RouterState,
-    ShardInfo,
     Token,
 )
-from text_generation_router.validation import Validation
 from text_generation_server.pb import generation_pb2 as pb
 from text_generation_server.pb import generation_pb2_grpc as pb_grpc
 from text_generation_server.utils.tokenizer import Tokenizer
@@ -95,25 +93,7 @@ def tokenizer(tiny_internlm2_dir):
 @pytest.fixture(scope="module")
 def api(tokenizer):
     infer = GrpcFakeInfer(tokenizer)
-    shard = ShardInfo(
-        model_id="tiny",
-        architecture="InternLM2ForCausalLM",
-        dtype="float32",
-        device_type="cpu",
-        block_size=16,
-        world_size=1,
-        vocab_size=1000,
-        max_position_embeddings=512,
-        eos_token_ids=(2,),
-    )
-    state = RouterState(
-        infer=infer,
-        validation=Validation(tokenizer, LIMITS),
-        tokenizer=tokenizer,
-        limits=LIMITS,
-        shard=shard,
-        model_id="tiny",
-    )
+    state = fake_state(infer, LIMITS)
     server = Server(state)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield pb_grpc.GenerationServiceStub(channel), infer, channel

@@ -19,15 +19,12 @@ from text_generation.errors import OverloadedError as ClientOverloaded
 from text_generation.errors import ValidationError as ClientValidationError
 from text_generation_router.chat import TemplateError, encode_chat, render_chat
 from text_generation_router.http import create_app
-from fake_infer import FakeInfer
+from fake_infer import FakeInfer, fake_state
 from text_generation_router.types import (
     GenerationRequest,
     RouterLimits,
-    RouterState,
-    ShardInfo,
     Token,
 )
-from text_generation_router.validation import Validation
 from text_generation_server.utils.tokenizer import Tokenizer
 
 LIMITS = RouterLimits(
@@ -95,27 +92,8 @@ def free_port() -> int:
 def server(tiny_internlm2_dir: Path):
     tokenizer = Tokenizer.from_pretrained(tiny_internlm2_dir)
     # the shard's EOS ids without <|im_end|>: the chat route must add its id to stop_token_ids itself
-    shard = ShardInfo(
-        model_id=str(tiny_internlm2_dir),
-        architecture="InternLM2ForCausalLM",
-        dtype="float32",
-        device_type="cpu",
-        block_size=16,
-        world_size=1,
-        vocab_size=1000,
-        max_position_embeddings=512,
-        eos_token_ids=(2,),
-        num_blocks=64,
-    )
-    infer = HttpFakeInfer(tokenizer, shard.eos_token_ids)
-    state = RouterState(
-        infer=infer,
-        validation=Validation(tokenizer, LIMITS),
-        tokenizer=tokenizer,
-        limits=LIMITS,
-        shard=shard,
-        model_id="tiny-internlm2",
-    )
+    infer = HttpFakeInfer(tokenizer, (2,))
+    state = fake_state(infer, LIMITS, model_id="tiny-internlm2")
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -706,26 +684,8 @@ def test_chat_adds_no_stop_token_when_im_end_is_an_eos_id(tiny_internlm2_dir):
 
     tokenizer = Tokenizer.from_pretrained(tiny_internlm2_dir)
     im_end = tokenizer.token_to_id("<|im_end|>")
-    shard = ShardInfo(
-        model_id="tiny",
-        architecture="InternLM2ForCausalLM",
-        dtype="float32",
-        device_type="cpu",
-        block_size=16,
-        world_size=1,
-        vocab_size=1000,
-        max_position_embeddings=512,
-        eos_token_ids=(2, im_end),
-    )
-    infer = HttpFakeInfer(tokenizer, shard.eos_token_ids)
-    state = RouterState(
-        infer=infer,
-        validation=Validation(tokenizer, LIMITS),
-        tokenizer=tokenizer,
-        limits=LIMITS,
-        shard=shard,
-        model_id="tiny",
-    )
+    infer = HttpFakeInfer(tokenizer, (2, im_end))
+    state = fake_state(infer, LIMITS)
     with TestClient(create_app(state)) as client:
         r = client.post(
             "/v1/chat/completions",
