@@ -94,7 +94,7 @@ def main(
 
 
 async def connect_and_warm(o: dict):
-    """Client, Info, limits and block allocator after Warmup (raises StartupError with a clear message)."""
+    """Client, Info, limits and the KV cache size after Warmup (raises StartupError with a clear message)."""
     from text_generation_router.client import ShardedClient
     from text_generation_router.types import RouterLimits, ShardInfo
 
