@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .served import ServedStack
-from .stats import percentile
+from .served import ServedStack, client_session, sse_arrivals
+from .stats import ms, percentile
 from .workloads import PromptMaker
 
 
@@ -45,39 +45,6 @@ SMOKE_FEATURES = FeatureWorkloads(
     chat_requests=4, system_prompt=48, chat_new=2, streams=2, stream_prompt=8, stream_new=400,
     long_prompts=(60, 90), chunk_budget=16, long_context=1500, long_context_new=3, long_context_preset="smoke-long",
 )
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000.0
-
-
-async def _sse(session, url: str, body: dict, sent_at: list[float] | None = None) -> tuple[float, list[float]]:
-    """POST `body` and read the event stream; (send time, arrival time of every event that carries a token)."""
-    sent = time.perf_counter()
-    if sent_at is not None:
-        sent_at.append(sent)
-    arrivals: list[float] = []
-    async with session.post(url, json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
-        async for line in response.content:
-            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                continue
-            now = time.perf_counter()
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(f"stream error: {event['error']}")
-            if event.get("token") is not None or event.get("choices"):  # a TGI token, or an OpenAI chunk
-                arrivals.append(now)
-    return sent, arrivals
-
-
-def _session():
-    import aiohttp
-
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_read=1800)
-    )
 
 
 # ----- prefix caching ------------------------------------------------------------------------------------------
@@ -105,10 +72,10 @@ def prefix_cache(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
                         "temperature": 0}
 
             async def burst() -> list[tuple[float, list[float]]]:
-                async with _session() as session:
-                    await _sse(session, chat, body(warm_system, questions[0]))
+                async with client_session() as session:
+                    await sse_arrivals(session, chat, body(warm_system, questions[0]))
                     before = stack.metrics_text()
-                    answers = await asyncio.gather(*(_sse(session, chat, body(system, q)) for q in questions))
+                    answers = await asyncio.gather(*(sse_arrivals(session, chat, body(system, q)) for q in questions))
                     return answers, before
 
             answers, before = asyncio.run(burst())
@@ -117,7 +84,7 @@ def prefix_cache(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
             stack.close()
         ttfts = [arrivals[0] - sent for sent, arrivals in answers]
         results[mode] = {
-            "ttft_p50_ms": _ms(percentile(ttfts, 50)), "ttft_p90_ms": _ms(percentile(ttfts, 90)),
+            "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p90_ms": ms(percentile(ttfts, 90)),
             "prefix_cache_queries": _counter(after, "tgi_prefix_cache_queries") - _counter(before, "tgi_prefix_cache_queries"),
             "prefix_cache_hits": _counter(after, "tgi_prefix_cache_hits") - _counter(before, "tgi_prefix_cache_hits"),
         }
@@ -169,8 +136,8 @@ async def _streams_while_prompts_arrive(stack: ServedStack, streams, longs, w: F
     def body(prompt) -> dict:
         return {"inputs": prompt.text, "parameters": {"max_new_tokens": prompt.max_new_tokens}}
 
-    async with _session() as session:
-        await _sse(session, url, body(longs[-1]))  # warm up with the longest prompt's size
+    async with client_session() as session:
+        await sse_arrivals(session, url, body(longs[-1]))  # warm up with the longest prompt's size
         arrivals: list[list[float]] = [[] for _ in streams]
 
         async def stream(i: int) -> None:
@@ -185,7 +152,7 @@ async def _streams_while_prompts_arrive(stack: ServedStack, streams, longs, w: F
         start = time.perf_counter()
         ttfts = []
         for prompt in longs:  # one after another: each arrives while the streams decode
-            sent, tokens = await _sse(session, url, body(prompt))
+            sent, tokens = await sse_arrivals(session, url, body(prompt))
             ttfts.append(tokens[0] - sent)
         end = time.perf_counter()
         ended_early = sum(t.done() for t in tasks)
@@ -204,8 +171,8 @@ async def _streams_while_prompts_arrive(stack: ServedStack, streams, longs, w: F
     if ended_early:
         raise RuntimeError(f"{ended_early} stream(s) ended before the long prompts were prefilled: raise stream_new")
     return {
-        "window_ms": _ms(end - start), "itl_p50_ms": _ms(percentile(gaps, 50)), "itl_p90_ms": _ms(percentile(gaps, 90)),
-        "longest_gap_ms": _ms(longest), "gaps": len(gaps), "long_prompt_ttft_ms": [_ms(t) for t in ttfts],
+        "window_ms": ms(end - start), "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p90_ms": ms(percentile(gaps, 90)),
+        "longest_gap_ms": ms(longest), "gaps": len(gaps), "long_prompt_ttft_ms": [ms(t) for t in ttfts],
     }
 
 
@@ -233,9 +200,9 @@ def long_context(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
         capacity_tokens = _counter(stack.metrics_text(), "tgi_batch_max_total_tokens")
 
         async def one() -> tuple[float, list[float]]:
-            async with _session() as session:
+            async with client_session() as session:
                 body = {"inputs": prompt.text, "parameters": {"max_new_tokens": w.long_context_new}}
-                return await _sse(session, f"{stack.url}/generate_stream", body)
+                return await sse_arrivals(session, f"{stack.url}/generate_stream", body)
 
         sent, arrivals = asyncio.run(one())
         peak = stack.memory()

@@ -31,6 +31,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def client_session():
+    """An aiohttp session without a connection limit, that waits as long as a stream takes."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_read=1800)
+    )
+
+
+async def sse_arrivals(session, url: str, body: dict) -> tuple[float, list[float]]:
+    """POST `body` and read the event stream: (send time, arrival time of every event carrying a token — a TGI
+    event's `token` or an OpenAI chunk's `choices`)."""
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            now = time.perf_counter()
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            if event.get("token") is not None or event.get("choices"):
+                arrivals.append(now)
+    return sent, arrivals
+
+
 def _launcher_argv() -> list[str]:
     script = Path(sys.executable).with_name("text-generation-launcher")
     if script.exists():
@@ -124,25 +153,10 @@ class ServedStack:
     async def _stream(self, session, prompt: Prompt) -> dict:
         body = {"inputs": prompt.text, "parameters": {"max_new_tokens": prompt.max_new_tokens, "details": False,
                                                        "decoder_input_details": False}}
-        arrivals: list[float] = []
-        sent = time.perf_counter()
-        async with session.post(f"{self.url}/generate_stream", json=body) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
-            async for line in response.content:
-                if not line.startswith(b"data:"):
-                    continue
-                now = time.perf_counter()
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise RuntimeError(f"stream error: {event['error']}")
-                if event.get("token") is not None:
-                    arrivals.append(now)
+        sent, arrivals = await sse_arrivals(session, f"{self.url}/generate_stream", body)
         return {"sent": sent, "arrivals": arrivals, "asked": prompt.max_new_tokens}
 
     async def _closed_loop(self, prompts: list[Prompt], concurrency: int) -> tuple[float, float, list[dict]]:
-        import aiohttp
-
         queue: asyncio.Queue = asyncio.Queue()
         for p in prompts:
             queue.put_nowait(p)
@@ -156,9 +170,7 @@ class ServedStack:
                     return
                 results.append(await self._stream(session, p))
 
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with client_session() as session:
             start = time.perf_counter()
             await asyncio.gather(*(client(session) for _ in range(concurrency)))
             end = time.perf_counter()

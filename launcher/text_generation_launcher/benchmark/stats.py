@@ -30,12 +30,12 @@ def latency_summary(ttfts: list[float], gaps: list[float], tokens: int, wall: fl
         "generated_tokens": tokens,
         "wall_s": wall,
         "throughput_tok_s": tokens / wall if wall > 0 else None,
-        "ttft_p50_ms": _ms(percentile(ttfts, 50)),
-        "ttft_p90_ms": _ms(percentile(ttfts, 90)),
-        "itl_p50_ms": _ms(percentile(gaps, 50)),
-        "itl_p90_ms": _ms(percentile(gaps, 90)),
+        "ttft_p50_ms": ms(percentile(ttfts, 50)),
+        "ttft_p90_ms": ms(percentile(ttfts, 90)),
+        "itl_p50_ms": ms(percentile(gaps, 50)),
+        "itl_p90_ms": ms(percentile(gaps, 90)),
     }
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
