@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 
 PROTOS := $(wildcard proto/*.proto)
-STUBS  := $(patsubst proto/%.proto,server/text_generation_server/pb/%_pb2.py,$(PROTOS))
+STUBS  := $(patsubst proto/%.proto,common/text_generation_common/pb/%_pb2.py,$(PROTOS))
 
 .PHONY: install stubs test run bench clean
 
@@ -17,12 +17,12 @@ install:
 	$(MAKE) stubs
 
 # gRPC stubs are generated, never committed. The proto path maps proto/ to the package, so the stubs import
-# each other as text_generation_server.pb.*.
+# each other as text_generation_common.pb.*.
 stubs: $(STUBS)
 
-server/text_generation_server/pb/%_pb2.py: proto/%.proto
-	$(BIN)/python -m grpc_tools.protoc -Itext_generation_server/pb=proto \
-		--python_out=server --grpc_python_out=server --pyi_out=server $<
+common/text_generation_common/pb/%_pb2.py: proto/%.proto
+	$(BIN)/python -m grpc_tools.protoc -Itext_generation_common/pb=proto \
+		--python_out=common --grpc_python_out=common --pyi_out=common $<
 
 # The embedded default model: a small random-weight InternLM2 in the real checkpoint layout, written on first use.
 DEFAULT_MODEL := models/tiny-internlm2
@@ -44,4 +44,4 @@ bench: stubs
 	$(BIN)/text-generation-benchmark --out bench-results $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info server/*.egg-info server/text_generation_server/pb/*_pb2*
+	rm -rf $(VENV) build *.egg-info server/*.egg-info common/text_generation_common/pb/*_pb2*

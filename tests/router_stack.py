@@ -37,6 +37,17 @@ ROUTER_CLI = (
     else [sys.executable, "-m", "text_generation_router.cli"]
 )
 UNIX_PATH_MAX = 107
+TORCH_BLOCKER_MESSAGE = "the router must not import torch"
+
+
+def torch_blocking_env(env: dict, tmp_path: Path) -> dict:
+    """`env` with a `torch` package first on PYTHONPATH whose import fails: a process started with it dies
+    at once if anything it loads imports torch. Every stack's router runs with it."""
+    blocker = Path(tmp_path) / "no-torch"
+    (blocker / "torch").mkdir(parents=True, exist_ok=True)
+    (blocker / "torch" / "__init__.py").write_text(f"raise ImportError({TORCH_BLOCKER_MESSAGE!r})\n")
+    paths = [str(blocker), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def free_port() -> int:
@@ -62,6 +73,7 @@ class Stack:
     uds_path: Path
     log_dir: Path
     log_files: dict[str, Path] = field(default_factory=dict)
+    router_env: dict = field(default_factory=dict)  # the router's environment (torch cannot be imported in it)
 
     @property
     def grpc_target(self) -> str:
@@ -188,9 +200,10 @@ def start_stack(
             "--grpc-port", str(grpc_port),
             *router_args,
         ]
+        stack.router_env = torch_blocking_env(base_env, tmp_path)
         with open(log, "wb") as out:
             stack.router = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=base_env, start_new_session=True
+                command, stdout=out, stderr=subprocess.STDOUT, env=stack.router_env, start_new_session=True
             )
 
         with httpx.Client(timeout=2.0) as client:

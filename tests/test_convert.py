@@ -28,7 +28,7 @@ from text_generation_server.utils.convert_checkpoint import (
     ConversionError,
     convert_checkpoint,
 )
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 VOCAB = 1000
 IM_START, IM_END = VOCAB - 1, VOCAB - 2

@@ -20,7 +20,7 @@ from conftest import make_tiny
 from helpers import internlm2_to_llama
 from transformers import LlamaForCausalLM
 
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 LAUNCHER = str(Path(sys.executable).with_name("text-generation-launcher"))
 PROMPTS = ["Hello world, this is", "The weather in Shanghai", "1 2 3 4 5 6"]
@@ -118,7 +118,7 @@ def test_launcher_serves_internlm2_through_every_api(launch, tmp_path, tmp_path_
     from text_generation import Client
     from openai import OpenAI
 
-    from text_generation_server.pb import generation_pb2, generation_pb2_grpc
+    from text_generation_common.pb import generation_pb2, generation_pb2_grpc
 
     model_dir = make_tiny(tmp_path_factory, f"launcher-{format}", format=format, shards=2, hidden=64, heads=4, kv_heads=2)
     expected = reference_tokens(model_dir, tmp_path)

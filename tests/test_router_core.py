@@ -23,7 +23,7 @@ from text_generation_router.client import ShardedClient
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
 from text_generation_router.types import GenerationRequest, SamplingParams
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
 

@@ -23,9 +23,9 @@ from text_generation_router.types import (
     RouterState,
     Token,
 )
-from text_generation_server.pb import generation_pb2 as pb
-from text_generation_server.pb import generation_pb2_grpc as pb_grpc
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.pb import generation_pb2 as pb
+from text_generation_common.pb import generation_pb2_grpc as pb_grpc
+from text_generation_common.tokenizer import Tokenizer
 
 LIMITS = RouterLimits(
     max_concurrent_requests=8, max_input_tokens=64, max_total_tokens=96, max_stop_sequences=4

@@ -25,7 +25,7 @@ from text_generation_router.types import (
     RouterLimits,
     Token,
 )
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 LIMITS = RouterLimits(
     max_concurrent_requests=8,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -16,9 +18,9 @@ import pytest
 pytest.importorskip("text_generation_router.cli", reason="the router CLI is not there yet")
 
 from helpers import new_request
-from router_stack import start_stack
+from router_stack import TORCH_BLOCKER_MESSAGE, start_stack
 from text_generation import Client
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # text_generation uses .dict()
 
@@ -169,6 +171,15 @@ def test_openai_clients(stack, engine, tokenizer):
         )
     chunks = list(client.completions.create(model="tgi", prompt="Hello", max_tokens=6, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
+
+
+def test_the_router_process_never_imports_torch(stack):
+    """The stack's router runs where `import torch` fails; it started, and it serves."""
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=stack.router_env, capture_output=True, text=True)
+    assert blocked.returncode != 0 and TORCH_BLOCKER_MESSAGE in blocked.stderr
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 3}}
+    assert httpx.post(f"{stack.http_url}/generate", json=body, timeout=60).status_code == 200
+    assert stack.router.poll() is None
 
 
 def test_streamed_and_final_texts_agree_on_every_route(stack):

@@ -22,8 +22,8 @@ from text_generation_router.client import StepResult
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
 from text_generation_router.types import GenerationError, GenerationRequest, OverloadedError, SamplingParams
-from text_generation_server.pb import generate_pb2 as pb
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.pb import generate_pb2 as pb
+from text_generation_common.tokenizer import Tokenizer
 
 VOCAB = 1000
 EOS = 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from text_generation_router.text import PROMPT_CONTEXT, TextStream
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 CHAT_PROMPT = "<s><|im_start|>user\nTell me.<|im_end|>\n<|im_start|>assistant\n"

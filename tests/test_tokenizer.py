@@ -18,7 +18,7 @@ import pytest
 import sentencepiece
 
 from conftest import make_tiny
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 
 VOCAB = 1000
 IM_START, IM_END = VOCAB - 1, VOCAB - 2

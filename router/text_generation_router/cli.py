@@ -235,7 +235,7 @@ class _Uvicorn:
 async def run(o: dict) -> int:
     from text_generation_router.grpc_api import serve_grpc
     from text_generation_router.http import create_app
-    from text_generation_server.utils.tokenizer import Tokenizer
+    from text_generation_common.tokenizer import Tokenizer
 
     client, info, limits, shard = await connect_and_warm(o)
     tokenizer_dir = Path(o["tokenizer_name"])

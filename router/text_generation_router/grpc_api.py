@@ -36,8 +36,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
-from text_generation_server.pb import generation_pb2 as pb
-from text_generation_server.pb import generation_pb2_grpc as pb_grpc
+from text_generation_common.pb import generation_pb2 as pb
+from text_generation_common.pb import generation_pb2_grpc as pb_grpc
 
 from . import metrics, request_metrics
 from .types import (

@@ -1,11 +1,17 @@
-"""Prometheus metrics with TGI's names, in the router's own registry (served at GET /metrics).
+"""Prometheus metrics with TGI's names and types, in the router's own registry (served at GET /metrics).
 
-The scheduler records batch and queue metrics, the front ends record request metrics.
+The scheduler records batch and queue metrics, the front ends record request metrics. prometheus-client
+collects them; `exposition()` writes them out, because the library's own text format renames every counter
+sample to `<name>_total` and adds `<name>_created` series, while TGI's exporter does neither: dashboards and
+alerts written for TGI query `tgi_request_count`, `tgi_request_failure{err="validation"}` and so on.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REGISTRY = CollectorRegistry()
 
@@ -44,3 +50,30 @@ kv_blocks_used = Gauge("tgi_kv_blocks_used", "KV cache blocks held by requests",
 kv_blocks_cached = Gauge("tgi_kv_blocks_cached", "KV cache blocks holding a cached prefix (held or evictable)", registry=REGISTRY)
 prefix_cache_queries = Counter("tgi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=REGISTRY)
 prefix_cache_hits = Counter("tgi_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)", registry=REGISTRY)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample_line(name: str, labels: dict[str, str], value: float) -> str:
+    if not labels:
+        return f"{name} {floatToGoString(value)}"
+    pairs = ",".join(f'{key}="{_escape(label)}"' for key, label in labels.items())
+    return f"{name}{{{pairs}}} {floatToGoString(value)}"
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """`registry` in the Prometheus text format 0.0.4, under TGI's names: a counter's samples carry the
+    counter's own name, and no `_created` sample is written."""
+    lines = []
+    for family in registry.collect():
+        help_text = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"# HELP {family.name} {help_text}")
+        lines.append(f"# TYPE {family.name} {family.type}")
+        for sample in family.samples:
+            if sample.name == f"{family.name}_created":
+                continue
+            name = family.name if family.type == "counter" else sample.name
+            lines.append(_sample_line(name, sample.labels, sample.value))
+    return ("\n".join(lines) + "\n").encode()

@@ -53,7 +53,7 @@ from text_generation_router.types import (
     StreamToken,
     Token,
 )
-from text_generation_server.pb import generate_pb2 as pb
+from text_generation_common.pb import generate_pb2 as pb
 
 SHARD_FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS_TOKEN: "eos_token"}
 

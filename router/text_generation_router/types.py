@@ -142,7 +142,7 @@ class RouterState:
 
     infer: object  # text_generation_router.infer.Infer
     validation: object  # text_generation_router.validation.Validation
-    tokenizer: object  # text_generation_server.utils.tokenizer.Tokenizer (torch-free)
+    tokenizer: object  # text_generation_common.tokenizer.Tokenizer (torch-free)
     limits: RouterLimits
     shard: ShardInfo
     model_id: str  # what clients see (the --model-id given to the launcher)

@@ -17,7 +17,7 @@ from text_generation_server.models.types import (
     StoppingParameters,
     Tokens,
 )
-from text_generation_server.pb import generate_pb2
+from text_generation_common.pb import generate_pb2
 
 # proto3 cannot tell an unset float from 0.0. For these fields 0.0 is not a valid value (each must be > 0),
 # so it means "not set" and becomes the value that disables the processor: a message left at its defaults is

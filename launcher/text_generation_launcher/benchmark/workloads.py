@@ -99,7 +99,7 @@ def _unreachable_eos(model_dir: Path) -> list[int]:
     """
     from safetensors.torch import load_file, save_file
 
-    from text_generation_server.utils.tokenizer import Tokenizer
+    from text_generation_common.tokenizer import Tokenizer
 
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config["vocab_size"])
@@ -142,7 +142,7 @@ class PromptMaker:
     """Seeded prompt texts of an exact token count (BOS included), for the model's tokenizer."""
 
     def __init__(self, model_dir: Path):
-        from text_generation_server.utils.tokenizer import Tokenizer
+        from text_generation_common.tokenizer import Tokenizer
 
         config = json.loads((model_dir / "config.json").read_text())
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config["vocab_size"])

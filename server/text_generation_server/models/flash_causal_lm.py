@@ -34,7 +34,7 @@ from text_generation_server.models.types import (
 from text_generation_server.ops import AttentionMetadata, KVCache, select_ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 from text_generation_server.utils.sampling import TokenSampler, choose_tokens, top_n_tokens
-from text_generation_server.utils.tokenizer import Tokenizer
+from text_generation_common.tokenizer import Tokenizer
 from text_generation_server.utils.weights import Weights, weight_files
 
 
