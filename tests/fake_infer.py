@@ -35,7 +35,7 @@ def fake_state(infer: FakeInfer, limits: RouterLimits, model_id: str = "tiny") -
         world_size=1, vocab_size=1000, max_position_embeddings=512, eos_token_ids=tuple(infer.eos_ids), num_blocks=64,
     )
     return RouterState(
-        infer=infer, validation=Validation(infer.tokenizer, limits), tokenizer=infer.tokenizer, limits=limits,
+        infer=infer, validation=Validation(infer.tokenizer, limits), tokenizer=infer.tokenizer, limits=limits,  # type: ignore[arg-type]
         shard=shard, model_id=model_id,
     )
 
@@ -51,6 +51,7 @@ class FakeInfer:
         self.cancelled = 0
         self.completed = 0
         self.requests: list[GenerationRequest] = []
+        self.healthy = True  # what health() answers
 
     # ----- what subclasses choose -------------------------------------------------------------------------
 
@@ -69,6 +70,9 @@ class FakeInfer:
         self.active += 1
         self.requests.append(request)
         return FakeStream(self, self._run(request))
+
+    async def health(self) -> bool:
+        return self.healthy
 
     async def generate(self, request: GenerationRequest) -> tuple[list[StreamToken], StreamEnd]:
         tokens = []

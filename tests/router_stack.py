@@ -136,6 +136,7 @@ def start_stack(
     *,
     num_shard: int = 1,
     router_args: list[str] | tuple[str, ...] = (),
+    shard_args: list[str] | tuple[str, ...] = (),
     kv_cache_fraction: float = 0.002,
     grpc: bool = True,
     timeout: float = 90.0,
@@ -143,7 +144,8 @@ def start_stack(
 ) -> Stack:
     """Start `num_shard` shards and a router on free ports; returns once GET /health answers 200.
 
-    `router_args` are appended to the router's command line (e.g. `["--max-batch-total-tokens", "128"]`).
+    `router_args` are appended to the router's command line (e.g. `["--max-batch-total-tokens", "128"]`),
+    `shard_args` to each shard's.
     `grpc=False` passes `--grpc-port 0` (no public gRPC API).
     """
     tmp_path = Path(tmp_path)
@@ -175,6 +177,7 @@ def start_stack(
                 "--dtype", "float32",
                 "--device", "cpu",
                 "--kv-cache-fraction", str(kv_cache_fraction),
+                *shard_args,
             ]
             if num_shard > 1:
                 command.append("--sharded")

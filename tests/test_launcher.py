@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -122,16 +123,27 @@ def test_launcher_serves_internlm2_through_every_api(launch, tmp_path, tmp_path_
 
     model_dir = make_tiny(tmp_path_factory, f"launcher-{format}", format=format, shards=2, hidden=64, heads=4, kv_heads=2)
     expected = reference_tokens(model_dir, tmp_path)
-    served = launch(model_dir, "--num-shard", str(shards))
+    # the operations flags reach the router and the shards (a rope factor of 1.0 alone is linear: no change)
+    metrics_port, key = free_port(), "launcher-key"
+    served = launch(
+        model_dir, "--num-shard", str(shards), "--api-key", key, "--prometheus-port", str(metrics_port),
+        "--payload-limit", "100000", "--rope-factor", "1.0",
+    )
+    children = [pid for pid in processes_mentioning(served.uds) if pid != served.process.pid]
+    assert children and all(key not in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)  # env, not argv
+    assert "tgi_request_count " in urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    big = httpx.post(f"{served.url}/generate", content=b" " * 100_001, headers={"Authorization": f"Bearer {key}"})
+    assert big.status_code == 413
+    assert httpx.post(f"{served.url}/generate", json={"inputs": "hi"}).status_code == 401
 
-    client = Client(served.url, timeout=60)
+    client = Client(served.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
     for prompt in PROMPTS:
         response = client.generate(prompt, max_new_tokens=NEW_TOKENS, decoder_input_details=True)
         assert [t.id for t in response.details.tokens] == expected[prompt], prompt
         streamed = [r.token.id for r in client.generate_stream(prompt, max_new_tokens=NEW_TOKENS)]
         assert streamed == expected[prompt]
 
-    openai = OpenAI(base_url=f"{served.url}/v1", api_key="none")
+    openai = OpenAI(base_url=f"{served.url}/v1", api_key=key)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     completion = openai.completions.create(model="tgi", prompt=PROMPTS[0], max_tokens=NEW_TOKENS, temperature=0)
     assert completion.choices[0].text == tokenizer.decode(expected[PROMPTS[0]], skip_special_tokens=True)

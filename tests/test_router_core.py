@@ -22,7 +22,7 @@ from text_generation_router.block_manager import BlockManager
 from text_generation_router.client import ShardedClient
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
-from text_generation_router.types import GenerationRequest, SamplingParams
+from text_generation_router.types import GenerationError, GenerationRequest, SamplingParams
 from text_generation_common.tokenizer import Tokenizer
 
 WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
@@ -253,3 +253,36 @@ def test_stack_end_to_end_and_graceful_sigterm(tiny_internlm2_dir, tmp_path):
         assert stack.router.wait(30) == 0, stack.logs()
     finally:
         stack.close()
+
+
+def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_socket, tokenizer):
+    """TGI's /health: Health alone while all is well; after a failed step, a one-token generation must go
+    through the shard before the router counts as healthy again."""
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+        real_step, steps = client.step, []
+
+        async def step_failing_once(request):
+            steps.append([r.num_tokens for r in request.requests])
+            if len(steps) == 1:
+                raise ConnectionError("the shard went away")
+            return await real_step(request)
+
+        client.step = step_failing_once
+        try:
+            assert await infer.health() and steps == []  # nothing failed: no generation
+            with pytest.raises(GenerationError, match="the shard went away"):
+                await infer.generate(greedy([5, 6, 7], 3))
+            assert infer.step_failed
+            assert await infer.health()
+            probe_steps = steps[1:]
+            assert probe_steps == [[1]] and not infer.step_failed  # one step of the one-token probe
+            assert await infer.health() and len(steps) == 2  # healthy again: Health alone
+            tokens, end = await infer.generate(greedy([5, 6, 7], 3))
+            assert end.generated_tokens == 3
+        finally:
+            await close_core(client, infer)
+        assert scheduler.blocks.used_blocks == 0
+
+    run(main())

@@ -5,6 +5,7 @@ and a deterministic fake `Infer` (no shard), driven by httpx, the official `text
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import uvicorn
 from text_generation import Client
 from text_generation.errors import OverloadedError as ClientOverloaded
 from text_generation.errors import ValidationError as ClientValidationError
 from text_generation_router.chat import TemplateError, encode_chat, render_chat
-from text_generation_router.http import create_app
+from text_generation_router.api import create_app
 from fake_infer import FakeInfer, fake_state
 from text_generation_router.types import (
     GenerationRequest,
@@ -428,17 +430,8 @@ def test_info_health_metrics_tokenize_docs(server, http):
     assert health.status_code == 200 and health.content == b""
     http.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 1}})
     metrics = http.get("/metrics")
-    assert metrics.status_code == 200
-    for name in (
-        "tgi_request_count_total",
-        "tgi_request_success_total",
-        "tgi_request_failure_total",
-        "tgi_request_duration_bucket",
-        "tgi_request_input_length_bucket",
-        "tgi_request_validation_duration",
-    ):
-        assert name in metrics.text, name
-    assert 'tgi_request_failure_total{err="validation"}' in metrics.text
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert_tgi_metric_names(metrics.text)
 
     text = "Hello world, 你好"
     tokens = http.post("/tokenize", json={"inputs": text}).json()
@@ -453,13 +446,52 @@ def test_info_health_metrics_tokenize_docs(server, http):
     assert "/generate" in http.get("/api-doc/openapi.json").json()["paths"]
 
 
+# TGI's request metrics: name -> type. Counters carry no _total suffix, and no series ends in _created.
+TGI_METRICS = {
+    "tgi_request_count": "counter",
+    "tgi_request_success": "counter",
+    "tgi_request_failure": "counter",
+    "tgi_request_duration": "histogram",
+    "tgi_request_validation_duration": "histogram",
+    "tgi_request_queue_duration": "histogram",
+    "tgi_request_inference_duration": "histogram",
+    "tgi_request_mean_time_per_token_duration": "histogram",
+    "tgi_request_input_length": "histogram",
+    "tgi_request_max_new_tokens": "histogram",
+    "tgi_request_generated_tokens": "histogram",
+    "tgi_queue_size": "gauge",
+    "tgi_batch_current_size": "gauge",
+    "tgi_batch_current_max_tokens": "gauge",
+    "tgi_batch_max_total_tokens": "gauge",
+    "tgi_batch_next_size": "histogram",
+    "tgi_batch_inference_count": "counter",
+    "tgi_batch_inference_success": "counter",
+    "tgi_batch_inference_failure": "counter",
+    "tgi_batch_inference_duration": "histogram",
+    "tgi_batch_forward_duration": "histogram",
+    "tgi_batch_decode_duration": "histogram",
+}
+
+
+def assert_tgi_metric_names(text: str) -> None:
+    """Parsed with prometheus-client's parser (which itself would rename counter samples to *_total): every TGI
+    metric has its name and type; the raw lines name counters as TGI does."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in TGI_METRICS.items():
+        assert name in families and families[name].type == kind, (name, families.get(name))
+    sample_names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert not [n for n in sample_names if n.endswith(("_total", "_created"))]
+    assert {"tgi_request_count", "tgi_request_success", "tgi_request_failure"} <= sample_names
+    assert re.search(r'^tgi_request_failure\{err="validation"\} [1-9]', text, re.MULTILINE)
+
+
 def test_health_503_when_unhealthy(server, http):
-    server.infer.health = lambda: False
+    server.infer.healthy = False
     try:
         r = http.get("/health")
         assert r.status_code == 503 and r.json() == {"error": "unhealthy", "error_type": "healthcheck"}
     finally:
-        del server.infer.health
+        server.infer.healthy = True
     assert http.get("/health").status_code == 200
 
 
@@ -552,14 +584,15 @@ def test_openai_chat(server):
     assert len(chunks) == 3 and chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].choices[0].delta.content == ""
 
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, top_p=1.0)
+    # OpenAI's top_p 1.0 is "no nucleus cut" (TGI's /generate refuses 1.0); above 1 is refused, naming it
+    client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, top_p=1.0)
+    assert server.infer.requests[-1].parameters.top_p == 1.0
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, top_p=1.5)
+    error = refused.value.response.json()
+    assert "`top_p`" in error["error"] and error["error_type"] == "validation"
     with pytest.raises(openai.APIError, match="top_p"):
-        list(
-            client.chat.completions.create(
-                model="tgi", messages=MESSAGES, max_tokens=5, top_p=1.0, stream=True
-            )
-        )
+        list(client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, top_p=1.5, stream=True))
 
 
 def test_openai_completions_and_models(server, http):

@@ -202,6 +202,39 @@ def test_frequency_penalty_grows_with_the_count():
     assert processed[0, 6] < processed[0, 5] < processed[0, 8]
 
 
+def test_openai_penalties_count_only_the_generated_tokens():
+    """presence_penalty once per id generated so far, output_frequency_penalty per occurrence (OpenAI's
+    formula); the prompt's ids (history before the last draws_made tokens) are not penalized."""
+    params = SamplingParameters(presence_penalty=0.5, output_frequency_penalty=0.25)
+    prompt, generated = [5, 5, 7], [6, 6, 8]
+    row = TokenSampler(params, prompt + generated, V, CPU, draws_made=len(generated))
+    processed = process(torch.zeros(1, V), [row])
+    assert processed[0, 5].item() == 0.0 and processed[0, 7].item() == 0.0  # prompt only
+    assert processed[0, 6].item() == pytest.approx(-(0.5 + 2 * 0.25))
+    assert processed[0, 8].item() == pytest.approx(-(0.5 + 0.25))
+    row.record(7)  # generated now: penalized from the next step on
+    assert process(torch.zeros(1, V), [row])[0, 7].item() == pytest.approx(-0.75)
+    # zeros mean "no penalty": bit-identical scores, no counts held
+    plain = TokenSampler(SamplingParameters(presence_penalty=0.0, output_frequency_penalty=0.0), [5, 6], V, CPU)
+    assert plain.output_counts is None
+    logits = random_logits(1)
+    assert torch.equal(process(logits, [plain]), logits)
+
+
+def test_logit_bias_is_added_to_its_rows_only():
+    logits = random_logits(2)
+    biased = SamplingParameters(logit_bias=((3, 100.0), (4, -100.0)))
+    next_ids, _ = choose_tokens(logits, samplers([biased, SamplingParameters()]))
+    assert next_ids.tolist() == [3, logits[1].argmax().item()]
+    processed = process(logits, samplers([biased, SamplingParameters()]))
+    expected = logits.clone()
+    expected[0, 3] += 100.0
+    expected[0, 4] -= 100.0
+    torch.testing.assert_close(processed, expected)
+    with pytest.raises(ValueError, match="outside"):
+        TokenSampler(SamplingParameters(logit_bias=((V, 1.0),)), [0], V, CPU)
+
+
 def test_process_records_nothing():
     row = TokenSampler(SamplingParameters(frequency_penalty=1.0), [5], V, CPU)
     counts = row.counts.clone()

@@ -246,7 +246,10 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, vocab_size: int | None = None) -> Tokenizer:
+    def from_pretrained(
+        cls, model_dir: Path, vocab_size: int | None = None, chat_template: str | None = None
+    ) -> Tokenizer:
+        """`chat_template`: a template that replaces the model's own (the router's --chat-template)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"tokenizer directory {model_dir} does not exist")
@@ -299,7 +302,7 @@ class Tokenizer:
             eos_token=eos_token,
             add_bos_token=add_bos_token,
             add_eos_token=add_eos_token,
-            chat_template=_read_chat_template(model_dir, config),
+            chat_template=chat_template if chat_template is not None else _read_chat_template(model_dir, config),
             extra_special_ids=extra_special_ids,
         )
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):

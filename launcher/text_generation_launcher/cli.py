@@ -69,7 +69,27 @@ def main(
         20, "Accepted for TGI compatibility, no effect: with chunked prefill new requests join every step.",
         "MAX_WAITING_TOKENS",
     ),
-    max_client_batch_size: int = _option(4, "Most prompts in one /v1/completions request.", "MAX_CLIENT_BATCH_SIZE"),
+    max_client_batch_size: int = _option(
+        4, "Most prompts in one /v1/completions request; also the most `n` and `best_of` on the OpenAI routes.",
+        "MAX_CLIENT_BATCH_SIZE",
+    ),
+    rope_scaling: str = _option(
+        None, "linear or dynamic: replaces the config's rope_scaling (with --rope-factor).", "ROPE_SCALING"
+    ),
+    rope_factor: float = _option(None, "Rope scaling factor (>= 1); alone, it means linear scaling.", "ROPE_FACTOR"),
+    api_key: str = _option(
+        None, "Require `Authorization: Bearer <key>` on the generation and tokenize routes.", "API_KEY"
+    ),
+    cors_allow_origin: list[str] = _option(
+        [], "An origin browsers may call the API from (repeatable). Default: any origin.", "CORS_ALLOW_ORIGIN"
+    ),
+    payload_limit: int = _option(2_000_000, "Largest request body in bytes; larger ones get 413.", "PAYLOAD_LIMIT"),
+    chat_template: Path = _option(None, "A Jinja chat template file that replaces the tokenizer's.", "CHAT_TEMPLATE"),
+    prometheus_port: int = _option(None, "Also serve GET /metrics on this port (off unless given).", "PROMETHEUS_PORT"),
+    otlp_endpoint: str = _option(None, "Export OpenTelemetry traces over OTLP/gRPC to this endpoint.", "OTLP_ENDPOINT"),
+    otlp_service_name: str = _option(
+        "text-generation-inference.router", "service.name of the exported traces.", "OTLP_SERVICE_NAME"
+    ),
     hostname: str = _option("0.0.0.0", "Address the HTTP and gRPC APIs listen on.", "HOSTNAME"),
     port: int = _option(3000, "HTTP port (TGI and OpenAI APIs).", "PORT"),
     grpc_port: int = _option(8033, "Public gRPC port (fmaas.GenerationService); 0 disables it.", "GRPC_PORT"),
@@ -107,20 +127,28 @@ def main(
             shard_args += ["--dtype", dtype]
         if kv_cache_fraction is not None:
             shard_args += ["--kv-cache-fraction", str(kv_cache_fraction)]
+        if rope_scaling is not None:
+            shard_args += ["--rope-scaling", rope_scaling]
+        if rope_factor is not None:
+            shard_args += ["--rope-factor", str(rope_factor)]
         launcher.start_shards(model_dir, world_size, shard_uds_path, master_addr, master_port, shard_args, startup_timeout)
         router_args = _router_args(
             model_id=model_id, model_dir=model_dir, shard_uds_path=shard_uds_path, hostname=hostname, port=port,
             grpc_port=grpc_port,
-            limits=dict(
+            options=dict(
                 max_concurrent_requests=max_concurrent_requests, max_best_of=max_best_of,
                 max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
                 max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
                 max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=max_batch_total_tokens,
                 prefix_caching=prefix_caching, waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
-                max_client_batch_size=max_client_batch_size,
+                max_client_batch_size=max_client_batch_size, cors_allow_origin=cors_allow_origin,
+                payload_limit=payload_limit, chat_template=chat_template, prometheus_port=prometheus_port,
+                otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             ),
         )
-        launcher.start_router(router_args, port, startup_timeout)
+        # the key travels in the environment, not on a command line that `ps` shows
+        router_env = {**os.environ, "API_KEY": api_key} if api_key else None
+        launcher.start_router(router_args, port, startup_timeout, router_env)
         shown_host = "localhost" if hostname in ("0.0.0.0", "::") else hostname
         grpc_url = f", gRPC {shown_host}:{grpc_port}" if grpc_port else ""
         logger.info(f"ready: HTTP http://{shown_host}:{port} (TGI and OpenAI APIs, docs at /docs){grpc_url}")
@@ -210,8 +238,8 @@ class Launcher:
         wait_until(all_ready, timeout_s, self.shards, f"waiting for {world_size} shard(s) to load the model")
         logger.info(f"{world_size} shard(s) ready")
 
-    def start_router(self, argv: list[str], port: int, timeout_s: float) -> None:
-        self.router = Child("router", argv)
+    def start_router(self, argv: list[str], port: int, timeout_s: float, env: dict[str, str] | None = None) -> None:
+        self.router = Child("router", argv, env)
         url = f"http://127.0.0.1:{port}/health"
 
         def healthy() -> bool:
@@ -272,7 +300,9 @@ def _read_config(model_dir: Path) -> dict:
         raise LaunchError(f"{path} is not valid JSON: {e}") from None
 
 
-def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_port, limits) -> list[str]:
+def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_port, options) -> list[str]:
+    """The router's command line; `options` by flag name: booleans as --x/--no-x, lists repeat the flag,
+    None is left out."""
     argv = [
         _command("text-generation-router"),
         "--master-shard-uds-path", f"{shard_uds_path}-0",
@@ -283,10 +313,13 @@ def _router_args(*, model_id, model_dir, shard_uds_path, hostname, port, grpc_po
         "--grpc-port", str(grpc_port),
         "--json-output",
     ]
-    for name, value in limits.items():
+    for name, value in options.items():
         flag = name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):
+            for item in value:
+                argv += [f"--{flag}", str(item)]
         elif value is not None:
             argv += [f"--{flag}", str(value)]
     return argv

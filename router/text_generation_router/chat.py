@@ -59,6 +59,14 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def check_template(source: str) -> None:
+    """Raise TemplateError if `source` does not compile."""
+    try:
+        compile_template(source)
+    except jinja2.exceptions.TemplateError as error:
+        raise TemplateError(str(error)) from error
+
+
 def flatten_content(content: Any) -> str:
     """OpenAI content: a string, or a list of parts; text parts are joined, images become `![](url)` (as TGI)."""
     if content is None:

@@ -2,7 +2,7 @@
 
 Start-up (TGI's order): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup, check the
 limits, build the RouterState, start the step loop, then serve HTTP (uvicorn, the FastAPI app of
-`text_generation_router.http.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
+`text_generation_router.api.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
 One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting, let in-flight requests finish
 (bounded by --graceful-termination-timeout), exit 0.
 
@@ -77,7 +77,28 @@ def main(
     max_waiting_tokens: int = typer.Option(
         20, help="Accepted for TGI compatibility; no effect: new requests join every step within the token budget."
     ),
-    max_client_batch_size: int = typer.Option(4),
+    max_client_batch_size: int = typer.Option(
+        4, help="Most prompts in one /v1/completions request; also the most `n` and `best_of` on the OpenAI routes."
+    ),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="API_KEY", help="Require `Authorization: Bearer <key>` on the generation and tokenize routes."
+    ),
+    cors_allow_origin: list[str] = typer.Option(
+        [], help="An origin browsers may call the API from (repeatable; default: any origin)."
+    ),
+    payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes; larger ones get 413."),
+    chat_template: Optional[Path] = typer.Option(
+        None, help="A Jinja chat template file that replaces the tokenizer's own."
+    ),
+    prometheus_port: Optional[int] = typer.Option(
+        None, help="Also serve GET /metrics on this port (off unless given)."
+    ),
+    otlp_endpoint: Optional[str] = typer.Option(
+        None, envvar="OTLP_ENDPOINT", help="Export OpenTelemetry traces over OTLP/gRPC to this endpoint."
+    ),
+    otlp_service_name: str = typer.Option(
+        "text-generation-inference.router", envvar="OTLP_SERVICE_NAME", help="service.name of the exported traces."
+    ),
     graceful_termination_timeout: float = typer.Option(60.0, help="Seconds in-flight requests get at shutdown."),
     json_output: bool = typer.Option(False, help="One JSON log record per line."),
     logger_level: str = typer.Option("INFO"),
@@ -184,7 +205,7 @@ async def connect_and_warm(o: dict):
     return client, info, limits, shard
 
 
-def build_state(client, limits, shard, tokenizer, model_id: str, features=()):
+def build_state(client, limits, shard, tokenizer, model_id: str, features=(), tracer=None):
     """BlockManager, Scheduler, Infer, Validation and RouterState (the step loop is not started)."""
     from text_generation_router.block_manager import BlockManager
     from text_generation_router.infer import Infer
@@ -201,7 +222,7 @@ def build_state(client, limits, shard, tokenizer, model_id: str, features=()):
             dynamic_rope_limit=shard.max_position_embeddings if shard.dynamic_rope else None,
         ),
     )
-    infer = Infer(scheduler, client, limits.max_concurrent_requests)
+    infer = Infer(scheduler, client, limits.max_concurrent_requests, tracer)
     return RouterState(
         infer=infer,
         validation=Validation(tokenizer, limits),
@@ -209,7 +230,7 @@ def build_state(client, limits, shard, tokenizer, model_id: str, features=()):
         limits=limits,
         shard=shard,
         model_id=model_id,
-        extra={"client": client, "scheduler": scheduler, "features": tuple(features)},
+        features=tuple(features),
     )
 
 
@@ -232,24 +253,83 @@ class _Uvicorn:
         return Server(config)
 
 
-async def run(o: dict) -> int:
-    from text_generation_router.grpc_api import serve_grpc
-    from text_generation_router.http import create_app
+def load_tokenizer(o: dict, vocab_size: int):
+    """The tokenizer of --tokenizer-name, with --chat-template's template instead of its own if given; a
+    template that does not compile stops the start-up with its error."""
     from text_generation_common.tokenizer import Tokenizer
+    from text_generation_router.chat import TemplateError, check_template
 
-    client, info, limits, shard = await connect_and_warm(o)
     tokenizer_dir = Path(o["tokenizer_name"])
+    template = None
+    if o["chat_template"] is not None:
+        try:
+            template = Path(o["chat_template"]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise StartupError(f"cannot read --chat-template {o['chat_template']}: {e}") from None
     try:
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir, vocab_size=info.vocab_size)
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir, vocab_size=vocab_size, chat_template=template)
     except Exception as e:  # noqa: BLE001
         raise StartupError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from None
+    if tokenizer.chat_template:
+        try:
+            check_template(tokenizer.chat_template)
+        except TemplateError as e:
+            source = o["chat_template"] or f"{tokenizer_dir}'s tokenizer config"
+            if o["chat_template"] is not None:
+                raise StartupError(f"the chat template of {source} does not compile: {e}") from None
+            logger.warning(f"the chat template of {source} does not compile ({e}); chat requests will get 422")
+    return tokenizer
+
+
+async def start_http(app_, host: str, port: int, o: dict):
+    """A uvicorn server for `app_`, started; (server, its serve task). Raises StartupError if it cannot bind."""
+    server = _Uvicorn.make(app_, host, port, o["graceful_termination_timeout"], o["json_output"])
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise StartupError(f"the HTTP server could not start on {host}:{port}")
+        await asyncio.sleep(0.02)
+    return server, task
+
+
+def metrics_app():
+    """The app of --prometheus-port: GET /metrics only."""
+    from fastapi import FastAPI
+
+    from text_generation_router.api.tgi_routes import metrics_response
+
+    app_ = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app_.get("/metrics")(metrics_response)
+    return app_
+
+
+async def run(o: dict) -> int:
+    from text_generation_router.api import HttpOptions, create_app
+    from text_generation_router.grpc_api import serve_grpc
+    from text_generation_router.tracing import RequestTracer
+
+    client, info, limits, shard = await connect_and_warm(o)
+    tokenizer = load_tokenizer(o, info.vocab_size)
+    tracer = RequestTracer(o["otlp_endpoint"], o["otlp_service_name"])
     model_id = o["model_id"] or str(o["tokenizer_name"])
-    state = build_state(client, limits, shard, tokenizer, model_id, features=info.features)
+    state = build_state(client, limits, shard, tokenizer, model_id, features=info.features, tracer=tracer)
     infer = state.infer
     infer.start()
-    server = _Uvicorn.make(
-        create_app(state), o["hostname"], o["port"], o["graceful_termination_timeout"], o["json_output"]
+    options = HttpOptions(
+        api_key=o["api_key"], cors_allow_origins=tuple(o["cors_allow_origin"]), payload_limit=o["payload_limit"]
     )
+    servers = []
+    try:
+        servers.append(await start_http(create_app(state, options), o["hostname"], o["port"], o))
+        if o["prometheus_port"] is not None:
+            servers.append(await start_http(metrics_app(), o["hostname"], o["prometheus_port"], o))
+    except StartupError:
+        for server, _ in servers:
+            server.should_exit = True
+        await asyncio.gather(*(task for _, task in servers))
+        await infer.stop()
+        raise
     grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
 
     loop = asyncio.get_running_loop()
@@ -258,36 +338,34 @@ async def run(o: dict) -> int:
     def on_signal(sig: signal.Signals) -> None:
         if stopping.is_set():
             logger.warning(f"received {sig.name} again: forcing exit")
-            server.force_exit = True
+            for server, _ in servers:
+                server.force_exit = True
         logger.info(f"received {sig.name}: stop accepting, finish in-flight requests")
         stopping.set()
-        server.should_exit = True
+        for server, _ in servers:
+            server.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-
-    serve_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if serve_task.done():
-            await serve_task
-            await infer.stop()
-            raise StartupError(f"the HTTP server could not start on {o['hostname']}:{o['port']}")
-        await asyncio.sleep(0.02)
     logger.info(
         f"router ready: http://{o['hostname']}:{o['port']}"
         + (f", gRPC {o['hostname']}:{o['grpc_port']}" if grpc_server is not None else "")
+        + (f", metrics :{o['prometheus_port']}/metrics" if o["prometheus_port"] is not None else "")
         + f"; {shard.architecture} {shard.dtype} on {shard.device_type} × {shard.world_size}, "
         f"KV {shard.num_blocks} blocks × {shard.block_size} tokens, max_input_tokens {limits.max_input_tokens}, "
         f"max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens {limits.max_batch_prefill_tokens}, "
         f"prefix caching {'on' if limits.prefix_caching else 'off'}, kernels {shard.kernels}"
+        + (", API key required" if o["api_key"] else "")
     )
 
-    await serve_task  # returns once should_exit is set and the HTTP connections are done (bounded)
+    # each returns once should_exit is set and its HTTP connections are done (bounded)
+    await asyncio.gather(*(task for _, task in servers))
     if grpc_server is not None:
         await grpc_server.stop(grace=o["graceful_termination_timeout"])
     if not await infer.wait_idle(o["graceful_termination_timeout"]):
         logger.warning("in-flight requests did not finish in time; cancelling them")
     await infer.stop()
+    tracer.shutdown()
     with contextlib.suppress(Exception):
         await client.close()
     logger.info("router stopped")

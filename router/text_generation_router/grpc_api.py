@@ -499,12 +499,10 @@ class _Pump:
         if not self._task.done():
             self._task.cancel()
         await asyncio.wait([self._task])
-        aclose = getattr(self._iterator, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except Exception:  # noqa: BLE001
-                logger.exception("closing a generation stream failed")
+        try:
+            await self._iterator.aclose()
+        except Exception:  # noqa: BLE001 - the client is gone either way; logged
+            logger.exception("closing a generation stream failed")
 
 
 async def _collect(stream: _Pump, deadline: float | None) -> tuple[list[StreamToken], StreamEnd | None]:
@@ -616,8 +614,7 @@ class _HealthServicer(health.aio.HealthServicer):
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if request.service in ("", SERVICE_NAME):
-            check = getattr(self._state.infer, "health", None)
-            healthy = True if check is None else await check()
+            healthy = await self._state.infer.health()
             status = (
                 health_pb2.HealthCheckResponse.SERVING
                 if healthy

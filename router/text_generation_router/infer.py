@@ -29,7 +29,22 @@ from loguru import logger
 
 from text_generation_router import metrics
 from text_generation_router.scheduler import Output, Scheduler, Sequence, StepPlan
-from text_generation_router.types import GenerationError, GenerationRequest, OverloadedError, RouterError, StreamEnd, StreamToken
+from text_generation_router.tracing import RequestTracer
+from text_generation_router.types import (
+    GenerationError,
+    GenerationRequest,
+    OverloadedError,
+    RouterError,
+    SamplingParams,
+    StreamEnd,
+    StreamToken,
+)
+
+
+# token id 0 is valid in every vocabulary; the probe's text is never decoded for a client
+HEALTH_PROBE = GenerationRequest(
+    input_ids=(0,), parameters=SamplingParams(), max_new_tokens=1, ignore_eos_token=True
+)
 
 
 class _Stream:
@@ -78,8 +93,11 @@ class _Stream:
 
 
 class Infer:
-    def __init__(self, scheduler: Scheduler, client, max_concurrent_requests: int):
+    def __init__(
+        self, scheduler: Scheduler, client, max_concurrent_requests: int, tracer: RequestTracer | None = None
+    ):
         self.scheduler = scheduler
+        self.tracer = tracer if tracer is not None else RequestTracer()  # disabled unless given one
         self.client = client  # anything with `async step(pb.StepRequest)` and `async health()`
         self.max_concurrent_requests = max_concurrent_requests
         self.active = 0
@@ -87,6 +105,7 @@ class Infer:
         self._idle.set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.step_failed = False  # a step failed since the last health check that went through the shards
 
     # ----- the loop -------------------------------------------------------------------------------------
 
@@ -118,6 +137,7 @@ class Infer:
                 raise
             except Exception as e:  # noqa: BLE001 - the loop must survive anything; fail what was running
                 logger.opt(exception=e).error(f"scheduler error: {type(e).__name__}: {e}")
+                self.step_failed = True
                 outputs = self.scheduler.shutdown(GenerationError(f"internal router error: {type(e).__name__}: {e}"))
             self._deliver(outputs)
             await asyncio.sleep(0)  # let the front ends read what was delivered
@@ -126,14 +146,24 @@ class Infer:
         """One plan on the shards, with TGI's batch metrics; the outputs for the streams."""
         method = plan.kind
         metrics.batch_inference_count.labels(method).inc()
+        if self.tracer.enabled:
+            for chunk in plan.chunks:
+                seq = chunk.seq
+                decoding = seq.generated > 0 and chunk.start == len(seq.token_ids) - 1
+                self.tracer.step_started(seq.id, "decode" if decoding else "prefill", chunk.num_tokens)
         start = time.monotonic()
         try:
             response = await self.client.step(plan.to_pb())
         except Exception as e:  # noqa: BLE001 - anything from the transport fails the step's requests
             metrics.batch_inference_failure.labels(method).inc()
+            self.step_failed = True
             error = e if isinstance(e, RouterError) else GenerationError(f"{type(e).__name__}: {e}")
             logger.error(f"step failed ({len(plan.chunks)} requests): {error}")
+            if self.tracer.enabled:
+                self.tracer.step_ended(error)
             return self.scheduler.fail(plan, error)
+        if self.tracer.enabled:
+            self.tracer.step_ended()
         metrics.batch_inference_success.labels(method).inc()
         metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
         if response.forward_ns:
@@ -143,6 +173,11 @@ class Infer:
 
     def _deliver(self, outputs: list[Output]) -> None:
         for seq, item in outputs:
+            if self.tracer.enabled:
+                if isinstance(item, BaseException):
+                    self.tracer.ended(seq.id, "error", seq.generated, error=item)
+                elif item.end is not None:
+                    self.tracer.ended(seq.id, item.end.finish_reason, item.end.generated_tokens)
             if seq.stream is not None and not seq.cancelled:
                 seq.stream.put_nowait(item)
 
@@ -153,12 +188,16 @@ class Infer:
             raise OverloadedError()
         seq = self.scheduler.submit(request)  # GenerationError when it can never fit
         seq.stream = asyncio.Queue()
+        if self.tracer.enabled:
+            self.tracer.submitted(seq.id, len(request.input_ids), request.max_new_tokens)
         self.active += 1
         self._idle.clear()
         self._wake.set()
         return _Stream(self, seq)
 
     def cancel(self, seq: Sequence) -> None:
+        if self.tracer.enabled:
+            self.tracer.ended(seq.id, "cancelled", seq.generated)
         self.scheduler.cancel(seq)
         self._wake.set()
 
@@ -175,11 +214,16 @@ class Infer:
         raise RuntimeError("the stream ended without a final token")
 
     async def health(self) -> bool:
-        """True when the shards answer Health."""
+        """TGI's health check: the shards answer Health and, if a step failed since the last check, a one-token
+        generation goes through them (scheduled like any request) before the server counts as healthy again."""
         try:
             await self.client.health()
+            if self.step_failed:
+                await self.generate(HEALTH_PROBE)
+                self.step_failed = False
             return True
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure means unhealthy; logged, answered 503
+            logger.warning(f"health check failed: {type(e).__name__}: {e}")
             return False
 
     async def wait_idle(self, timeout: float) -> bool:

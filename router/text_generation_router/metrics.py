@@ -45,7 +45,7 @@ batch_decode_duration = Histogram("tgi_batch_decode_duration", "Shard time outsi
 request_preempted = Counter("tgi_request_preempted", "Running requests preempted for lack of KV blocks (recomputed later)", registry=REGISTRY)
 
 # The KV cache and the prefix cache (not TGI metrics: TGI exposes none for them).
-kv_blocks_total = Gauge("tgi_kv_blocks_total", "KV cache blocks (after warmup)", registry=REGISTRY)
+kv_blocks_capacity = Gauge("tgi_kv_blocks_capacity", "KV cache blocks (after warmup)", registry=REGISTRY)
 kv_blocks_used = Gauge("tgi_kv_blocks_used", "KV cache blocks held by requests", registry=REGISTRY)
 kv_blocks_cached = Gauge("tgi_kv_blocks_cached", "KV cache blocks holding a cached prefix (held or evictable)", registry=REGISTRY)
 prefix_cache_queries = Counter("tgi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=REGISTRY)

@@ -1,10 +1,13 @@
 """The per-request metrics a front end records (TGI's names), shared by the HTTP and public gRPC front ends.
 
 `Validation` records the validation duration, input length and max_new_tokens itself; a front end calls
-`started()` once per generation request, then either `succeeded(end, total_s)` or `failed(error)`.
+`started()` once per request, then either `succeeded(end, total_s)` or `failed(error)` (`RequestGroup` does
+that for the HTTP routes).
 """
 
 from __future__ import annotations
+
+import time
 
 from . import metrics
 from .types import StreamEnd
@@ -44,3 +47,38 @@ def succeeded(end: StreamEnd, total_s: float) -> None:
     if end.generated_tokens > 0:
         metrics.request_mean_time_per_token_duration.observe(end.inference_s / end.generated_tokens)
     metrics.request_generated_tokens.observe(end.generated_tokens)
+
+
+class RequestGroup:
+    """The request metrics of one API call: one request per prompt (its n choices or best_of candidates count
+    as one, as best_of does in TGI). Each is counted when it starts and ends exactly once, as a success, a
+    failure or (a client gone, the group closed early) a drop. A call starts as one request and `grow`s once
+    validation knows how many prompts it has."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.open = 1
+        started()
+
+    def grow(self, prompts: int) -> None:
+        """The call has `prompts` requests in all."""
+        for _ in range(prompts - 1):
+            started()
+        self.open += prompts - 1
+
+    def succeeded(self, end: StreamEnd) -> None:
+        assert self.open > 0, "more ends than requests"
+        self.open -= 1
+        succeeded(end, time.perf_counter() - self.start)
+
+    def failed(self, error: BaseException) -> None:
+        """Every request still open failed with `error`."""
+        for _ in range(self.open):
+            failed(error)
+        self.open = 0
+
+    def close(self) -> None:
+        """Every request still open was dropped."""
+        for _ in range(self.open):
+            dropped()
+        self.open = 0

@@ -149,7 +149,8 @@ def _scheduled_pb(chunk: Chunk) -> pb.ScheduledRequest:
                 parameters=pb.NextTokenChooserParameters(
                     temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                     do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
-                    frequency_penalty=p.frequency_penalty,
+                    frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+                    output_frequency_penalty=p.output_frequency_penalty, logit_bias=dict(p.logit_bias),
                 ),
                 stopping_parameters=pb.StoppingCriteriaParameters(
                     max_new_tokens=r.max_new_tokens, ignore_eos_token=r.ignore_eos_token,
@@ -180,7 +181,7 @@ class Scheduler:
         self._admissions = itertools.count(1)
         self.stats = {"steps": 0, "preempted": 0, "max_running": 0}
         metrics.batch_max_total_tokens.set(blocks.capacity_tokens)
-        metrics.kv_blocks_total.set(blocks.num_blocks)
+        metrics.kv_blocks_capacity.set(blocks.num_blocks)
 
     # ----- requests -------------------------------------------------------------------------------------
 

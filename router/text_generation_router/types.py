@@ -10,8 +10,14 @@ disconnects) cancels the request; its KV blocks are freed within one scheduler s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from text_generation_common.tokenizer import Tokenizer
+
+    from .infer import Infer
+    from .validation import Validation
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -27,7 +33,10 @@ class SamplingParams:
     do_sample: bool = False
     seed: int = 0
     repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
+    frequency_penalty: float = 0.0  # TGI's: count / length over prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: once per id among the generated tokens
+    output_frequency_penalty: float = 0.0  # OpenAI's frequency_penalty: count among the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias): added to the logits before anything else
 
 
 @dataclass(frozen=True)
@@ -136,14 +145,14 @@ class ShardInfo:
     kernels: str = "reference"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouterState:
     """Everything a front end needs; built once at start-up by the CLI (`text_generation_router.cli`)."""
 
-    infer: object  # text_generation_router.infer.Infer
-    validation: object  # text_generation_router.validation.Validation
-    tokenizer: object  # text_generation_common.tokenizer.Tokenizer (torch-free)
+    infer: Infer
+    validation: Validation
+    tokenizer: Tokenizer
     limits: RouterLimits
     shard: ShardInfo
     model_id: str  # what clients see (the --model-id given to the launcher)
-    extra: dict = field(default_factory=dict)
+    features: tuple[str, ...] = ()  # what the shards support (InfoResponse.features)

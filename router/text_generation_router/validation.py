@@ -107,8 +107,10 @@ class Validation:
         parameters: GenerateParameters | None = None,
         add_special_tokens: bool = True,
         stream: bool = False,
+        max_top_n_tokens: int | None = None,
     ) -> GenerationRequest:
-        """Raise `ValidationError` or return the request to queue. `stream`: the request streams tokens."""
+        """Raise `ValidationError` or return the request to queue. `stream`: the request streams tokens.
+        `max_top_n_tokens`: the route's own cap on top_n_tokens (OpenAI's 20), instead of --max-top-n-tokens."""
         start = time.perf_counter()
         p = parameters if parameters is not None else GenerateParameters.absent()
         limits = self.limits
@@ -162,10 +164,9 @@ class Validation:
         seed = p.seed if p.seed is not None else random.randrange(2**63)
 
         top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
-        if not 0 <= top_n_tokens <= limits.max_top_n_tokens:
-            raise invalid(
-                f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}"
-            )
+        top_n_cap = limits.max_top_n_tokens if max_top_n_tokens is None else max_top_n_tokens
+        if not 0 <= top_n_tokens <= top_n_cap:
+            raise invalid(f"`top_n_tokens` must be >= 0 and <= {top_n_cap}. Given: {top_n_tokens}")
 
         if p.grammar is not None:
             raise invalid("grammar is not supported")
@@ -220,6 +221,46 @@ class Validation:
         metrics.request_input_length.observe(input_length)
         metrics.request_max_new_tokens.observe(max_new_tokens)
         return request
+
+    def with_openai_sampling(
+        self,
+        request: GenerationRequest,
+        presence_penalty: float | None,
+        frequency_penalty: float | None,
+        logit_bias: dict[str, float] | None,
+    ) -> GenerationRequest:
+        """`request` with OpenAI's penalties (over the generated tokens; 0 or absent: none) and logit bias
+        (token id as a string -> a bias in [-100, 100], added to the logits)."""
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if value is not None and not -2.0 <= value <= 2.0:
+                raise invalid(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}")
+        bias: list[tuple[int, float]] = []
+        vocab_size = self.tokenizer.vocab_size
+        for key, value in (logit_bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise invalid(f"`logit_bias` keys must be token ids, got {key!r}") from None
+            if not 0 <= token_id < vocab_size:
+                raise invalid(f"`logit_bias` names token id {token_id}, outside [0, {vocab_size})")
+            if not -100.0 <= value <= 100.0:
+                raise invalid(f"`logit_bias` values must be >= -100 and <= 100. Given: {value} for {token_id}")
+            bias.append((token_id, float(value)))
+        params = dataclasses.replace(
+            request.parameters,
+            presence_penalty=presence_penalty or 0.0,
+            output_frequency_penalty=frequency_penalty or 0.0,
+            logit_bias=tuple(sorted(bias)),
+        )
+        return dataclasses.replace(request, parameters=params)
+
+    @staticmethod
+    def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """`n` copies of `request`, each sampling on its own: the i-th gets seed + i (greedy copies are equal)."""
+        return [
+            dataclasses.replace(request, parameters=dataclasses.replace(request.parameters, seed=(request.parameters.seed + i) % 2**64))
+            for i in range(n)
+        ]
 
     @staticmethod
     def reseed(request: GenerationRequest) -> GenerationRequest:

@@ -106,6 +106,12 @@ def serve(
         "default 0.3 on CPU, 0.9 on accelerators.",
     ),
     revision: str = typer.Option(None, help="Hub revision, when MODEL_ID is a hub id."),
+    rope_scaling: str = typer.Option(
+        None, envvar="ROPE_SCALING", help="linear or dynamic: replaces the config's rope_scaling."
+    ),
+    rope_factor: float = typer.Option(
+        None, envvar="ROPE_FACTOR", help="The rope scaling factor (>= 1; alone, it means linear scaling)."
+    ),
     json_output: bool = typer.Option(False, help="Log one JSON object per line."),
     logger_level: str = typer.Option("INFO", help="Loguru level: TRACE, DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
@@ -118,6 +124,12 @@ def serve(
 
     if kv_cache_fraction is not None and not 0.0 < kv_cache_fraction <= 1.0:
         fail(f"--kv-cache-fraction must be in (0, 1], got {kv_cache_fraction}")
+    from text_generation_server.models.config import rope_override
+
+    try:
+        rope = rope_override(rope_scaling, rope_factor)
+    except ValueError as e:
+        fail(str(e))
     rank, world_size = 0, 1
     if sharded:
         missing = [name for name in SHARD_ENV if not os.environ.get(name)]
@@ -170,7 +182,7 @@ def serve(
             fail(f"--sharded: cannot join the process group: {type(e).__name__}: {e}")
         rank, world_size = extra["tp"].rank, extra["tp"].world_size
     try:
-        model = get_model(model_dir, dtype=dtype, device=torch_device, **extra)
+        model = get_model(model_dir, dtype=dtype, device=torch_device, rope_scaling=rope, **extra)
     except Exception as e:  # noqa: BLE001 - a broken model directory is reported in one line, not a traceback
         logger.opt(exception=e).debug("model load failed")
         fail(f"cannot load the model from {model_dir}: {type(e).__name__}: {e}")

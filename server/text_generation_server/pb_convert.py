@@ -32,6 +32,9 @@ def sampling_from_pb(pb: generate_pb2.NextTokenChooserParameters) -> SamplingPar
         do_sample=pb.do_sample,
         seed=pb.seed,
         frequency_penalty=pb.frequency_penalty,
+        presence_penalty=pb.presence_penalty,
+        output_frequency_penalty=pb.output_frequency_penalty,
+        logit_bias=tuple(sorted(pb.logit_bias.items())),
         **values,
     )
 

@@ -94,9 +94,9 @@ def prefix_cache(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
 
 
 def _counter(text: str, name: str) -> float:
-    """A counter's value in Prometheus text (prometheus-client exposes counters as NAME_total)."""
+    """An unlabelled counter's value in the router's Prometheus text (TGI's names: no _total suffix)."""
     for line in text.splitlines():
-        if line.startswith(f"{name}_total ") or line.startswith(f"{name} "):
+        if line.startswith(f"{name} "):
             return float(line.split()[-1])
     return 0.0
 

@@ -5,6 +5,7 @@ The registry maps Hugging Face `architectures` names to our classes, imported on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from text_generation_server.device import parse_dtype, select_device
-from text_generation_server.models.config import ModelConfig, read_json
+from text_generation_server.models.config import ModelConfig, RopeScaling, read_json
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 
 if TYPE_CHECKING:
@@ -51,8 +52,10 @@ def get_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "auto",
     tp: TensorParallelGroup = SINGLE_RANK,
+    rope_scaling: RopeScaling | None = None,
 ) -> FlashCausalLM:
-    """The engine for `model_dir`, on `device`, holding this rank's part of the weights when `tp` has several."""
+    """The engine for `model_dir`, on `device`, holding this rank's part of the weights when `tp` has several.
+    `rope_scaling` replaces the config's (the shard's --rope-scaling / --rope-factor)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -60,6 +63,8 @@ def get_model(
     raw = read_json(config_path)
     architecture = resolve_architecture(raw)
     config = ModelConfig.from_dict(raw, architecture)
+    if rope_scaling is not None:
+        config = dataclasses.replace(config, rope_scaling=rope_scaling)
     device = device if isinstance(device, torch.device) else select_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     module_name, class_name = MODEL_REGISTRY[architecture]

@@ -141,6 +141,21 @@ def _parse_rope(raw: dict[str, Any], default_theta: float) -> tuple[float, RopeS
     return theta, RopeScaling(kind, factor)
 
 
+def rope_override(kind: str | None, factor: float | None) -> RopeScaling | None:
+    """The rope scaling `--rope-scaling` / `--rope-factor` ask for instead of the config's (None: keep the
+    config's). As in TGI, a factor alone means linear; a type alone has factor 1.0, which under dynamic NTK still
+    stretches the base for sequences longer than max_position_embeddings."""
+    if kind is None and factor is None:
+        return None
+    kind = kind or "linear"
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"--rope-scaling must be one of {', '.join(ROPE_SCALING_TYPES)}, got {kind!r}")
+    factor = 1.0 if factor is None else float(factor)
+    if not factor >= 1.0:
+        raise ValueError(f"--rope-factor must be >= 1.0, got {factor}")
+    return RopeScaling(kind, factor)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:

@@ -21,7 +21,10 @@ class SamplingParameters:
     do_sample: bool = False
     seed: int = 0
     repetition_penalty: float = 1.0  # 1.0: none
-    frequency_penalty: float = 0.0  # 0.0: none
+    frequency_penalty: float = 0.0  # 0.0: none; TGI's: count / length over prompt + generated tokens
+    presence_penalty: float = 0.0  # 0.0: none; OpenAI's: once per id present among the generated tokens
+    output_frequency_penalty: float = 0.0  # 0.0: none; OpenAI's frequency_penalty: count among generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) pairs added to the logits first
 
     @property
     def is_greedy(self) -> bool:

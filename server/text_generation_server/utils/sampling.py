@@ -1,8 +1,11 @@
 """Choosing the next token of every row of a step, each row with its own sampling parameters.
 
 Per row and per step, in TGI's order:
+  0. logit bias (OpenAI's `logit_bias`): `scores[id] += bias`;
   1. repetition penalty over every id in the row's history (prompt + generated tokens);
-  2. frequency penalty, `scores -= penalty * count(id) / len(history)`;
+  2. frequency penalty, `scores -= penalty * count(id) / len(history)` (TGI's meaning);
+  2b. OpenAI's penalties over the generated tokens only:
+     `scores -= presence_penalty * (generated_count(id) > 0) + output_frequency_penalty * generated_count(id)`;
   3. for rows that sample: temperature, top-k, top-p, typical-p (HF warper semantics);
   4. the choice: argmax for greedy rows, a draw from softmax(scores) for sampled rows;
   5. logprobs = log_softmax of the processed scores (what TGI reports).
@@ -43,14 +46,34 @@ def _validate_params(params: SamplingParameters) -> None:
         raise ValueError(f"typical_p must be in (0, 1], got {params.typical_p!r}")
     if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
         raise ValueError(f"repetition_penalty must be a finite number > 0, got {params.repetition_penalty!r}")
-    if not math.isfinite(params.frequency_penalty):
-        raise ValueError(f"frequency_penalty must be finite, got {params.frequency_penalty!r}")
+    for name in ("frequency_penalty", "presence_penalty", "output_frequency_penalty"):
+        if not math.isfinite(getattr(params, name)):
+            raise ValueError(f"{name} must be finite, got {getattr(params, name)!r}")
+    for token_id, bias in params.logit_bias:
+        if not math.isfinite(bias):
+            raise ValueError(f"logit_bias of id {token_id} must be finite, got {bias!r}")
     if not 0 <= params.seed < _MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**64), got {params.seed!r}")
 
 
 def _has_penalty(params: SamplingParameters) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+
+
+def _has_output_penalty(params: SamplingParameters) -> bool:
+    return params.presence_penalty != 0.0 or params.output_frequency_penalty != 0.0
+
+
+def _count(ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """counts [V] float32 of each id in `ids`."""
+    counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    if ids:
+        index = torch.tensor(list(ids), dtype=torch.int64, device=device)
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"history holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
+        counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+    return counts
 
 
 def _column(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -65,8 +88,9 @@ def _rows_where(flags: Sequence[bool], device: torch.device) -> torch.Tensor | N
 
 
 class TokenSampler:
-    """One request's token choice: its parameters, its generator (sampled requests) and its token counts
-    (penalized requests: counts [V] float32 of every id in the history, and the history's length)."""
+    """One request's token choice: its parameters, its generator (sampled requests), its token counts
+    (penalized requests: counts [V] float32 of every id in the history, and the history's length; with OpenAI's
+    penalties, output_counts [V] of the generated ids) and its logit bias (ids [k] int64, values [k])."""
 
     def __init__(
         self,
@@ -76,7 +100,8 @@ class TokenSampler:
         device: torch.device,
         draws_made: int = 0,
     ) -> None:
-        """history: the request's tokens so far. draws_made: tokens it already sampled before (a preemption)."""
+        """history: the request's tokens so far; its last `draws_made` ones were generated (after a
+        preemption): a sampled request's generator skips their draws, and they count as generated tokens."""
         _validate_params(params)
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
@@ -87,22 +112,30 @@ class TokenSampler:
             self.generator.manual_seed(params.seed)
             for _ in range(draws_made):  # one draw per sampled token (see _draw)
                 torch.rand(1, generator=self.generator, dtype=torch.float64, device=device)
-        self.counts: torch.Tensor | None = None
+        if not 0 <= draws_made <= len(history):
+            raise ValueError(f"draws_made must be in [0, {len(history)}], got {draws_made}")
         self.history_length = len(history)
-        if _has_penalty(params):
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-            if history:
-                ids = torch.tensor(list(history), dtype=torch.int64, device=device)
-                low, high = int(ids.min()), int(ids.max())
-                if low < 0 or high >= vocab_size:
-                    raise ValueError(f"history holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
-                self.counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        self.counts = _count(history, vocab_size, device) if _has_penalty(params) else None
+        generated = list(history)[len(history) - draws_made :]
+        self.output_counts = _count(generated, vocab_size, device) if _has_output_penalty(params) else None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids = [token_id for token_id, _ in params.logit_bias]
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                raise ValueError(f"logit_bias names ids outside [0, {vocab_size}): {ids}")
+            values = [bias for _, bias in params.logit_bias]
+            self.bias = (
+                torch.tensor(ids, dtype=torch.int64, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
 
     def record(self, token_id: int) -> None:
         """The request's history grew by `token_id`."""
         self.history_length += 1
         if self.counts is not None:
             self.counts[token_id] += 1
+        if self.output_counts is not None:
+            self.output_counts[token_id] += 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,6 +160,13 @@ def _apply_frequency_penalty(
     """TGI semantics: the count is normalized by the history length (OpenAI subtracts the raw count)."""
     frequencies = counts / lengths.clamp_min(1.0).unsqueeze(1)
     return scores - penalty * frequencies
+
+
+def _apply_output_penalties(
+    scores: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI semantics over the generated tokens: counts [b, V]; presence, frequency [b, 1]."""
+    return scores - presence * (counts > 0).float() - frequency * counts
 
 
 def _apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -203,6 +243,11 @@ def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Ten
     device = logits.device
     params = [s.params for s in samplers]
     scores = logits.float()
+    biased = [(i, s.bias) for i, s in enumerate(samplers) if s.bias is not None]
+    if biased:
+        scores = scores.clone()  # logits.float() is logits itself when they are float32
+        for row, (ids, values) in biased:
+            scores[row].index_add_(0, ids, values)
     penalized = _rows_where([s.counts is not None for s in samplers], device)
     if penalized is not None:
         rows = [samplers[i] for i in penalized.tolist()]
@@ -215,6 +260,16 @@ def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Ten
             part, counts, lengths, _column([s.params.frequency_penalty for s in rows], torch.float32, device)
         )
         scores = _on_rows(scores, penalized, part)
+    output_penalized = _rows_where([s.output_counts is not None for s in samplers], device)
+    if output_penalized is not None:
+        rows = [samplers[i] for i in output_penalized.tolist()]
+        part = _apply_output_penalties(
+            scores.index_select(0, output_penalized),
+            torch.stack([s.output_counts for s in rows]),
+            _column([s.params.presence_penalty for s in rows], torch.float32, device),
+            _column([s.params.output_frequency_penalty for s in rows], torch.float32, device),
+        )
+        scores = _on_rows(scores, output_penalized, part)
     # The warpers are neutral on greedy rows (is_greedy means every warper is disabled).
     if any(p.temperature != 1.0 for p in params):
         scores = scores / _column([p.temperature for p in params], torch.float32, device)

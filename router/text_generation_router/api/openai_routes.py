@@ -1,0 +1,471 @@
+"""OpenAI's routes: /v1/models, /v1/chat/completions and /v1/completions.
+
+Every field the request schemas below accept is honoured, or refused with a 422 naming it; a field they do not
+know is refused too. Where OpenAI's meaning differs from TGI's /generate, these routes follow OpenAI:
+  * `presence_penalty` and `frequency_penalty` count the generated tokens only, and 0 (or absent) is no penalty
+    (/generate keeps TGI's `frequency_penalty` over prompt and output);
+  * `temperature` 0 is greedy decoding, `top_p` 1.0 is no nucleus cut;
+  * `n` choices are n requests of one prompt (seeds seed, seed+1, ...), which share the prompt's KV blocks
+    through the prefix cache; `best_of` (completions) ranks its candidates by mean token logprob;
+  * `top_logprobs` (chat) goes up to 20, `logprobs` (completions) up to 5, OpenAI's limits;
+  * `user` is accepted: it names the end user for OpenAI's abuse monitoring and changes nothing here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..chat import render_chat, turn_end_id
+from ..request_metrics import RequestGroup
+from ..types import GenerationRequest, RouterError, RouterState, StreamEnd, StreamToken, ValidationError
+from ..validation import GenerateParameters, invalid
+from .common import (
+    SYSTEM_FINGERPRINT,
+    SSEResponse,
+    aclose,
+    as_router_error,
+    error_response,
+    generate_all,
+    logprob_or_none,
+    mean_logprob,
+    merged,
+    sse,
+    token_steps,
+    usage_of,
+)
+
+TAG = "OpenAI"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for completions' logprobs
+
+
+class ToolError(RouterError):
+    status = 422
+    error_type = "tool_error"
+
+
+class PlainValidationError(ValidationError):
+    """A 422 with its own error_type and no prefix (TGI's /v1/completions refusals)."""
+
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: handed to the chat template as they are
+    role: str
+    content: str | list[Any] | None = None
+
+
+class OpenAIRequest(BaseModel):
+    """The fields chat and completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str]
+    best_of: int | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    repetition_penalty: float | None = None  # TGI's extension of the route
+
+
+def chat_messages(body: ChatRequest) -> list[dict]:
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    if not messages:
+        raise invalid("`messages` cannot be empty")
+    return messages
+
+
+def _count(name: str, value: int | None, limit: int) -> int:
+    value = 1 if value is None else value
+    if not 1 <= value <= limit:
+        raise invalid(f"`{name}` must be >= 1 and <= {limit} (--max-client-batch-size). Given: {value}")
+    return value
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def _check_common(body: OpenAIRequest) -> None:
+    if body.temperature is not None and not 0.0 <= body.temperature <= 2.0:
+        raise invalid(f"`temperature` must be >= 0 and <= 2. Given: {body.temperature}")
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:
+        raise invalid(f"`top_p` must be > 0 and <= 1. Given: {body.top_p}")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("`stream_options` is only allowed when `stream` is true")
+
+
+def _parameters(body: OpenAIRequest, sample_by_default: bool, **fields: Any) -> GenerateParameters:
+    """TGI parameters for an OpenAI body: temperature 0 is greedy, top_p 1.0 is off; details always on."""
+    greedy = body.temperature == 0 or (body.temperature is None and not sample_by_default)
+    return GenerateParameters(
+        temperature=None if greedy else body.temperature,
+        do_sample=not greedy,
+        top_p=None if body.top_p == 1.0 else body.top_p,
+        seed=body.seed,
+        stop=_stop_list(body.stop),
+        details=True,
+        **fields,
+    )
+
+
+def _finish(end: StreamEnd) -> str:
+    return "stop" if end.finish_reason == "eos_token" else end.finish_reason
+
+
+def _chat_logprobs(tokens: list[StreamToken]) -> dict:
+    return {
+        "content": [
+            {
+                "token": t.token.text,
+                "logprob": logprob_or_none(t.token.logprob),
+                "top_logprobs": [{"token": x.text, "logprob": logprob_or_none(x.logprob)} for x in t.top_tokens],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def _completion_logprobs(tokens: list[StreamToken], offset: int) -> dict:
+    """The legacy completions shape; text_offset counts characters from the choice text's start. top_logprobs
+    maps text to logprob, so alternatives that print the same text share the entry of the likelier one."""
+    text_offset, top_logprobs = [], []
+    for t in tokens:
+        text_offset.append(offset)
+        offset += len(t.token.text)
+        alternatives: dict[str, float | None] = {}
+        for x in t.top_tokens:  # best first
+            alternatives.setdefault(x.text, logprob_or_none(x.logprob))
+        top_logprobs.append(alternatives)
+    return {
+        "tokens": [t.token.text for t in tokens],
+        "token_logprobs": [logprob_or_none(t.token.logprob) for t in tokens],
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
+
+
+def openai_routes(state: RouterState) -> APIRouter:
+    router = APIRouter(tags=[TAG])
+    validation = state.validation
+    limits = state.limits
+    chat_turn_end = turn_end_id(state.tokenizer, tuple(state.shard.eos_token_ids))
+
+    def served_model(name: str | None) -> str:
+        return state.model_id if not name or name == "tgi" else name
+
+    def with_openai_sampling(request: GenerationRequest, body: OpenAIRequest) -> GenerationRequest:
+        return validation.with_openai_sampling(request, body.presence_penalty, body.frequency_penalty, body.logit_bias)
+
+    @router.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": state.model_id}],
+        }
+
+    # -------------------------------------------------------------------------------- chat
+
+    def chat_requests(body: ChatRequest) -> list[GenerationRequest]:
+        """The n validated requests of a chat; each also ends at the chat's end-of-turn token."""
+        if body.tools and body.tool_choice != "none":
+            raise ToolError("Tool error: tools are not supported by this server yet (no grammar support)")
+        if body.tool_choice is not None and not body.tools:
+            raise ToolError("Tool error: `tool_choice` needs `tools`")
+        if body.response_format is not None and body.response_format.get("type") != "text":
+            raise invalid(f"`response_format` {body.response_format.get('type')!r} is not supported yet")
+        _check_common(body)
+        n = _count("n", body.n, limits.max_client_batch_size)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid("`top_logprobs` needs `logprobs` set to true")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise invalid("give `max_tokens` or `max_completion_tokens`, not both")
+        messages = chat_messages(body)
+        continue_final = messages[-1].get("role") == "assistant"
+        prompt = render_chat(state.tokenizer, messages, add_generation_prompt=not continue_final)
+        if continue_final:
+            # continue the assistant's message: cut the rendering right after its content (as TGI)
+            content = str(messages[-1].get("content", ""))
+            cut = prompt.rfind(content)
+            if content and cut >= 0:
+                prompt = prompt[: cut + len(content)]
+        params = _parameters(
+            body,
+            sample_by_default=True,
+            max_new_tokens=body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
+            top_n_tokens=body.top_logprobs if body.logprobs else None,
+        )
+        request = validation.validate(
+            prompt, params, add_special_tokens=False, stream=body.stream, max_top_n_tokens=MAX_TOP_LOGPROBS
+        )
+        request = with_openai_sampling(request, body)
+        if chat_turn_end is not None:
+            request = replace(request, stop_token_ids=(*request.stop_token_ids, chat_turn_end))
+        return validation.choices(request, n)
+
+    def chat_chunk(body: ChatRequest, created: int, choices: list[dict], usage: dict | None = None) -> dict:
+        return {
+            "object": "chat.completion.chunk",
+            "id": "",
+            "created": created,
+            "model": served_model(body.model),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    async def chat_events(body: ChatRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        group = RequestGroup()
+        stream = None
+        try:
+            requests = chat_requests(body)
+            stream = merged([token_steps(state, r) for r in requests])
+            ends: list[StreamEnd] = []
+            async for index, step in stream:
+                item = step.token
+                choice = {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": item.token.text},
+                    "logprobs": _chat_logprobs([item]) if body.logprobs else None,
+                    "finish_reason": _finish(step.end) if step.end else None,
+                }
+                yield sse(chat_chunk(body, created, [choice]))
+                if step.end is not None:
+                    ends.append(step.end)
+                    if len(ends) == len(requests):
+                        group.succeeded(step.end)
+            if include_usage:
+                yield sse(chat_chunk(body, created, [], usage_of(ends)))
+        except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
+            error = as_router_error(error)
+            group.failed(error)
+            yield openai_error_event(error)
+        finally:
+            await aclose(stream)
+            group.close()
+        yield sse("[DONE]")
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        if body.stream:
+            return SSEResponse(chat_events(body))
+        group = RequestGroup()
+        try:
+            results = await generate_all(state, chat_requests(body))
+        except Exception as error:  # noqa: BLE001
+            error = as_router_error(error)
+            group.failed(error)
+            return error_response(error)
+        group.succeeded(results[0][1])
+        choices = []
+        for index, (tokens, end) in enumerate(results):
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": end.generated_text},
+                    "logprobs": _chat_logprobs(tokens) if body.logprobs else None,
+                    "finish_reason": _finish(end),
+                }
+            )
+        return {
+            "object": "chat.completion",
+            "id": "",
+            "created": int(time.time()),
+            "model": served_model(body.model),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage_of([end for _, end in results]),
+        }
+
+    # -------------------------------------------------------------------------------- completions
+
+    def completion_prompts(body: CompletionRequest) -> tuple[list[str], int, int]:
+        """The prompts, n and the candidates per prompt (best_of, at least n), all checked."""
+        if body.suffix is not None:
+            raise PlainValidationError(
+                "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
+            )
+        _check_common(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise invalid("`prompt` cannot be empty")
+        if len(prompts) > limits.max_client_batch_size:
+            raise PlainValidationError(
+                f"Number of prompts exceeds the maximum allowed batch size of {limits.max_client_batch_size}",
+                "batch size exceeded",
+            )
+        n = _count("n", body.n, limits.max_client_batch_size)
+        candidates = _count("best_of", body.best_of if body.best_of is not None else n, limits.max_client_batch_size)
+        if candidates < n:
+            raise invalid(f"`best_of` must be >= `n`. Given: best_of {candidates}, n {n}")
+        if candidates > n and body.stream:
+            raise invalid("`best_of` > `n` cannot be streamed")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise invalid(f"`logprobs` must be >= 0 and <= {MAX_COMPLETION_LOGPROBS}. Given: {body.logprobs}")
+        if body.echo and body.logprobs is not None:
+            raise invalid("`echo` with `logprobs` is not supported: the prompt's tokens carry no top logprobs")
+        return prompts, n, candidates
+
+    def completion_requests(body: CompletionRequest, prompts: list[str], candidates: int) -> list[list[GenerationRequest]]:
+        params = _parameters(
+            body,
+            sample_by_default=False,
+            repetition_penalty=body.repetition_penalty,
+            max_new_tokens=body.max_tokens,
+            top_n_tokens=body.logprobs,
+        )
+        out = []
+        for prompt in prompts:
+            request = validation.validate(
+                prompt, params, add_special_tokens=True, stream=body.stream, max_top_n_tokens=MAX_COMPLETION_LOGPROBS
+            )
+            out.append(validation.choices(with_openai_sampling(request, body), candidates))
+        return out
+
+    def completion_choice(body: CompletionRequest, index: int, prompt: str, tokens: list[StreamToken], text: str) -> dict:
+        echo = prompt if body.echo else ""
+        return {
+            "index": index,
+            "text": echo + text,
+            "logprobs": _completion_logprobs(tokens, len(echo)) if body.logprobs is not None else None,
+        }
+
+    def completion_chunk(body: CompletionRequest, created: int, choice: dict) -> dict:
+        return {
+            "object": "text_completion",
+            "id": "",
+            "created": created,
+            "model": served_model(body.model),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [choice],
+        }
+
+    async def completion_events(body: CompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        group = RequestGroup()
+        stream = None
+        try:
+            prompts, n, candidates = completion_prompts(body)
+            requests = [r for per_prompt in completion_requests(body, prompts, candidates) for r in per_prompt]
+            group.grow(len(prompts))
+            if body.echo:
+                for index in range(len(requests)):
+                    choice = {"index": index, "text": prompts[index // n], "logprobs": None, "finish_reason": ""}
+                    yield sse(completion_chunk(body, created, choice))
+            stream = merged([token_steps(state, r) for r in requests])
+            ends: dict[int, StreamEnd] = {}
+            async for index, step in stream:
+                choice = completion_choice(body, index, "", [step.token], step.token.token.text)
+                choice["finish_reason"] = ""
+                chunk = completion_chunk(body, created, choice)
+                if step.end is not None:
+                    choice["finish_reason"] = step.end.finish_reason
+                    chunk["usage"] = usage_of([step.end])
+                    ends[index] = step.end
+                    first = index - index % n  # the prompt's first choice
+                    if all(first + j in ends for j in range(n)):
+                        group.succeeded(step.end)  # the prompt's last choice ended
+                yield sse(chunk)
+            if include_usage:
+                usage = _completion_usage([[ends[p * n + j] for j in range(n)] for p in range(len(prompts))])
+                yield sse({**completion_chunk(body, created, {}), "choices": [], "usage": usage})
+        except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
+            error = as_router_error(error)
+            group.failed(error)
+            yield openai_error_event(error)
+        finally:
+            await aclose(stream)
+            group.close()
+        yield sse("[DONE]")
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if body.stream:
+            return SSEResponse(completion_events(body))
+        group = RequestGroup()
+        try:
+            prompts, n, candidates = completion_prompts(body)
+            per_prompt = completion_requests(body, prompts, candidates)
+            group.grow(len(prompts))
+            results = await generate_all(state, [r for requests in per_prompt for r in requests])
+        except Exception as error:  # noqa: BLE001
+            error = as_router_error(error)
+            group.failed(error)
+            return error_response(error)
+        choices, kept = [], []
+        for p, prompt in enumerate(prompts):
+            best = results[p * candidates : (p + 1) * candidates]
+            if candidates > n:  # best_of: the n candidates of highest mean logprob, best first
+                best = sorted(best, key=lambda r: mean_logprob(r[0]), reverse=True)[:n]
+            group.succeeded(best[0][1])
+            kept.append([end for _, end in best])
+            for j, (tokens, end) in enumerate(best):
+                choice = completion_choice(body, p * n + j, prompt, tokens, end.generated_text)
+                choice["finish_reason"] = _finish(end)
+                choices.append(choice)
+        return JSONResponse(
+            {
+                "object": "text_completion",
+                "id": "",
+                "created": int(time.time()),
+                "model": served_model(body.model),
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": choices,
+                "usage": _completion_usage(kept),
+            }
+        )
+
+    return router
+
+
+def _completion_usage(ends_per_prompt: list[list[StreamEnd]]) -> dict:
+    usages = [usage_of(ends) for ends in ends_per_prompt]
+    return {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def openai_error_event(error: RouterError) -> str:
+    """OpenAI streams report an error as one event (TGI's shape, the code always 422), then [DONE]."""
+    return sse({"error": {"message": str(error), "http_status_code": 422}})
