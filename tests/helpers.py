@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,10 @@ def internlm2_to_llama(src: Path, dst: Path) -> Path:
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
     return dst
+
+
+def metric(text: str, name: str) -> float:
+    """The value of sample `name` (with its labels, e.g. 'tgi_request_failure{err="dropped"}') in Prometheus
+    text; NaN when absent."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")

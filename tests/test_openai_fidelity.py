@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import new_request
+from helpers import metric, new_request
 from router_stack import start_stack
 from text_generation_common.tokenizer import Tokenizer
 from text_generation_server.models.types import SamplingParameters
@@ -94,9 +94,9 @@ def test_n_choices_are_seeded_independently_and_share_the_prompt_blocks(client, 
         assert [t["id"] for t in alone["details"]["tokens"]] == expected
     assert len({c.text for c in done.choices}) > 1
     assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens == 24
-    hits = _counter(httpx.get(f"{stack.http_url}/metrics").text, "tgi_prefix_cache_hits")
+    hits = metric(httpx.get(f"{stack.http_url}/metrics").text, "tgi_prefix_cache_hits")
     # the prompt's first two blocks are computed once and found by the other choices (and the /generate calls)
-    assert hits - _counter(metrics_before, "tgi_prefix_cache_hits") >= 2 * 2 * 16
+    assert hits - metric(metrics_before, "tgi_prefix_cache_hits") >= 2 * 2 * 16
 
     chunks = list(client.completions.create(model="tgi", prompt=LONG_PROMPT, max_tokens=8, temperature=1.0, seed=11, n=3, stream=True))
     for i, choice in enumerate(done.choices):
@@ -111,13 +111,6 @@ def test_n_choices_are_seeded_independently_and_share_the_prompt_blocks(client, 
         assert text == choice.message.content
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="tgi", messages=messages, max_tokens=2, n=5)  # > --max-client-batch-size
-
-
-def _counter(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def test_logit_bias_echo_best_of_and_logprobs(client, engine, tokenizer):

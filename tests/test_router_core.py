@@ -22,7 +22,7 @@ from text_generation_router.block_manager import BlockManager
 from text_generation_router.client import ShardedClient
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
-from text_generation_router.types import GenerationError, GenerationRequest, SamplingParams
+from text_generation_router.types import GenerationRequest, SamplingParams
 from text_generation_common.tokenizer import Tokenizer
 
 WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
@@ -256,11 +256,24 @@ def test_stack_end_to_end_and_graceful_sigterm(tiny_internlm2_dir, tmp_path):
 
 
 def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_socket, tokenizer):
-    """TGI's /health: Health alone while all is well; after a failed step, a one-token generation must go
-    through the shard before the router counts as healthy again."""
+    """TGI's GET /health, served by uvicorn over the router core: Health alone while all is well; after a failed
+    step, a one-token generation goes through the shard before /health answers 200 again."""
+    import httpx
+    import uvicorn
+    from router_stack import free_port
+    from text_generation_router.api import create_app
+    from text_generation_router.cli import build_state, connect_and_warm
+
+    options = dict(
+        master_shard_uds_path=str(shard_socket), max_input_tokens=64, max_total_tokens=128,
+        max_batch_prefill_tokens=None, max_batch_total_tokens=None, max_concurrent_requests=8, max_best_of=2,
+        max_stop_sequences=4, max_top_n_tokens=5, prefix_caching=True, waiting_served_ratio=0.3,
+        max_waiting_tokens=20, max_client_batch_size=4,
+    )
 
     async def main():
-        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+        client, _, limits, shard = await connect_and_warm(options)
+        state = build_state(client, limits, shard, tokenizer, "tiny")
         real_step, steps = client.step, []
 
         async def step_failing_once(request):
@@ -270,19 +283,28 @@ def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_so
             return await real_step(request)
 
         client.step = step_failing_once
+        state.infer.start()
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 3}}
         try:
-            assert await infer.health() and steps == []  # nothing failed: no generation
-            with pytest.raises(GenerationError, match="the shard went away"):
-                await infer.generate(greedy([5, 6, 7], 3))
-            assert infer.step_failed
-            assert await infer.health()
-            probe_steps = steps[1:]
-            assert probe_steps == [[1]] and not infer.step_failed  # one step of the one-token probe
-            assert await infer.health() and len(steps) == 2  # healthy again: Health alone
-            tokens, end = await infer.generate(greedy([5, 6, 7], 3))
-            assert end.generated_tokens == 3
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                assert (await http.get("/health")).status_code == 200 and steps == []  # Health alone
+                failed = await http.post("/generate", json=body)
+                assert failed.status_code == 424 and "the shard went away" in failed.json()["error"]
+                assert state.infer.step_failed
+                assert (await http.get("/health")).status_code == 200
+                assert steps[1:] == [[1]] and not state.infer.step_failed  # one step: the one-token probe
+                assert (await http.get("/health")).status_code == 200 and len(steps) == 2  # Health alone again
+                answered = await http.post("/generate", json={**body, "parameters": {"max_new_tokens": 3, "details": True}})
+                assert answered.json()["details"]["generated_tokens"] == 3
         finally:
-            await close_core(client, infer)
-        assert scheduler.blocks.used_blocks == 0
+            server.should_exit = True
+            await serving
+            await close_core(client, state.infer)
+        assert state.infer.scheduler.blocks.used_blocks == 0
 
     run(main())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 pytest.importorskip("text_generation_router.cli", reason="the router CLI is not there yet")
 
-from helpers import new_request
+from helpers import metric, new_request
 from router_stack import TORCH_BLOCKER_MESSAGE, start_stack
 from text_generation import Client
 from text_generation_common.tokenizer import Tokenizer
@@ -59,11 +58,6 @@ def stack(tiny_internlm2_dir, tmp_path_factory):
     args = ["--max-batch-prefill-tokens", "12"]
     with start_stack(tiny_internlm2_dir, tmp_path_factory.mktemp("http-e2e"), grpc=False, router_args=args) as running:
         yield running
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else float("nan")
 
 
 def sse_payloads(lines) -> list:
@@ -199,6 +193,7 @@ def test_streamed_and_final_texts_agree_on_every_route(stack):
             done = client.completions.create(model="tgi", prompt=prompt, max_tokens=24)
             chunks = list(client.completions.create(model="tgi", prompt=prompt, max_tokens=24, stream=True))
             assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text == final["generated_text"]
+            assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
             messages = [{"role": "user", "content": prompt}]
             done = client.chat.completions.create(model="tgi", messages=messages, max_tokens=24, temperature=0)

@@ -19,6 +19,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from text_generation_common.tokenizer import Tokenizer
+
 from .types import RouterError
 
 IM_END = "<|im_end|>"
@@ -87,10 +89,10 @@ def flatten_content(content: Any) -> str:
 
 
 def render_chat(
-    tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
 ) -> str:
     """The prompt text for `messages` (dicts with role/content). Raises TemplateError (422)."""
-    source = getattr(tokenizer, "chat_template", None)
+    source = tokenizer.chat_template
     if not source:
         raise TemplateError("the model has no chat template (chat_template in tokenizer_config.json)")
     normalized = []
@@ -113,12 +115,12 @@ def render_chat(
         raise TemplateError(f"{type(error).__name__}: {error}") from error
 
 
-def encode_chat(tokenizer: Any, text: str) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, text: str) -> list[int]:
     """Ids of a rendered chat prompt: no second BOS (the template wrote its own)."""
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def turn_end_id(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> int | None:
+def turn_end_id(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]) -> int | None:
     """The id of `<|im_end|>` when the tokenizer knows it and it is not already an EOS id, else None.
 
     InternLM2 chat models end their turn with `<|im_end|>`; the shard counts its id among the EOS ids for

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from . import metrics
-from .types import StreamEnd
+from .types import RouterError, StreamEnd
 
 # error_type -> the `err` label TGI uses
 _ERR_LABELS = {
@@ -29,9 +29,8 @@ def started() -> None:
     metrics.request_count.inc()
 
 
-def failed(error: BaseException) -> None:
-    error_type = getattr(error, "error_type", "internal")
-    metrics.request_failure.labels(err=_ERR_LABELS.get(error_type, error_type)).inc()
+def failed(error: RouterError) -> None:
+    metrics.request_failure.labels(err=_ERR_LABELS.get(error.error_type, error.error_type)).inc()
 
 
 def dropped() -> None:
@@ -71,7 +70,7 @@ class RequestGroup:
         self.open -= 1
         succeeded(end, time.perf_counter() - self.start)
 
-    def failed(self, error: BaseException) -> None:
+    def failed(self, error: RouterError) -> None:
         """Every request still open failed with `error`."""
         for _ in range(self.open):
             failed(error)

@@ -39,7 +39,9 @@ class RequestTracer:
 
         self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         insecure = not endpoint.startswith("https://")
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+        self._provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure))
+        )
         self._tracer = self._provider.get_tracer("text_generation_router")
         logger.info(f"exporting traces to {endpoint} as {service_name!r}")
 
@@ -58,7 +60,9 @@ class RequestTracer:
         now = time.time_ns()
         if infer is None:
             queue.end(end_time=now)
-            infer = self._tracer.start_span("infer", context=trace.set_span_in_context(generate), start_time=now)
+            infer = self._tracer.start_span(
+                "infer", context=trace.set_span_in_context(generate), start_time=now
+            )
             self._spans[request_id] = (generate, None, infer)
         span = self._tracer.start_span(
             kind, context=trace.set_span_in_context(infer), start_time=now, attributes={"tokens": tokens}
@@ -73,7 +77,9 @@ class RequestTracer:
             span.end(end_time=now)
         self._steps.clear()
 
-    def ended(self, request_id: int, outcome: str, generated_tokens: int = 0, error: BaseException | None = None) -> None:
+    def ended(
+        self, request_id: int, outcome: str, generated_tokens: int = 0, error: BaseException | None = None
+    ) -> None:
         """The request is over: `outcome` is its finish reason, "error" or "cancelled"."""
         spans = self._spans.pop(request_id, None)
         if spans is None:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from text_generation_common.tokenizer import Tokenizer
 
 from . import metrics
 from .types import GenerationRequest, RouterLimits, SamplingParams, ValidationError
@@ -73,7 +74,7 @@ class GenerateParameters(BaseModel):
 class Validation:
     """Turns (inputs, parameters) into a `GenerationRequest`, with TGI's checks and messages."""
 
-    def __init__(self, tokenizer: Any, limits: RouterLimits):
+    def __init__(self, tokenizer: Tokenizer, limits: RouterLimits):
         self.tokenizer = tokenizer
         self.limits = limits
 
@@ -257,13 +258,8 @@ class Validation:
     @staticmethod
     def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
         """`n` copies of `request`, each sampling on its own: the i-th gets seed + i (greedy copies are equal)."""
+        seed = request.parameters.seed
         return [
-            dataclasses.replace(request, parameters=dataclasses.replace(request.parameters, seed=(request.parameters.seed + i) % 2**64))
+            dataclasses.replace(request, parameters=dataclasses.replace(request.parameters, seed=(seed + i) % 2**64))
             for i in range(n)
         ]
-
-    @staticmethod
-    def reseed(request: GenerationRequest) -> GenerationRequest:
-        """The same request with a fresh random seed (each best_of candidate samples on its own)."""
-        params = dataclasses.replace(request.parameters, seed=random.randrange(2**63))
-        return dataclasses.replace(request, parameters=params)

@@ -19,8 +19,8 @@ from starlette.middleware.cors import CORSMiddleware
 from ..types import RouterState
 from .common import VERSION
 from .guards import ApiKeyGuard, PayloadLimit
-from .openai_routes import openai_routes
-from .tgi_routes import tgi_routes
+from .openai_routes import OpenAIRoutes
+from .tgi_routes import TGIRoutes
 
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # bytes, TGI's
 
@@ -61,8 +61,8 @@ def create_app(state: RouterState, options: HttpOptions = HttpOptions()) -> Fast
         docs_url="/docs",
     )
     app.add_exception_handler(RequestValidationError, _bad_body)
-    app.include_router(tgi_routes(state))
-    app.include_router(openai_routes(state))
+    app.include_router(TGIRoutes(state).router())
+    app.include_router(OpenAIRoutes(state).router())
     # the last added runs first: CORS answers preflights before the key is asked for, and the body limit
     # applies only to requests that passed the key check
     app.add_middleware(PayloadLimit, limit=options.payload_limit)

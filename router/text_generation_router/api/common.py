@@ -19,7 +19,15 @@ import anyio
 from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 
-from ..types import GenerationError, GenerationRequest, RouterError, RouterState, StreamEnd, StreamToken, Token
+from ..types import (
+    GenerationError,
+    GenerationRequest,
+    RouterError,
+    RouterState,
+    StreamEnd,
+    StreamToken,
+    Token,
+)
 
 try:
     VERSION = importlib.metadata.version("internlm2-tgi")
@@ -54,7 +62,12 @@ def logprob_or_none(value: float | None) -> float | None:
 
 
 def token_json(token: Token) -> dict:
-    return {"id": token.id, "text": token.text, "logprob": logprob_or_none(token.logprob), "special": token.special}
+    return {
+        "id": token.id,
+        "text": token.text,
+        "logprob": logprob_or_none(token.logprob),
+        "special": token.special,
+    }
 
 
 def error_body(error: RouterError) -> dict:
@@ -74,7 +87,9 @@ def as_router_error(error: Exception) -> RouterError:
 
 def mean_logprob(tokens: list[StreamToken]) -> float:
     """The ranking of best_of candidates (TGI's): the mean logprob of the generated tokens."""
-    values = [t.token.logprob for t in tokens if t.token.logprob is not None and not math.isnan(t.token.logprob)]
+    values = [
+        t.token.logprob for t in tokens if t.token.logprob is not None and not math.isnan(t.token.logprob)
+    ]
     return sum(values) / len(values) if values else -math.inf
 
 
@@ -124,7 +139,9 @@ async def token_steps(state: RouterState, request: GenerationRequest) -> AsyncIt
         await aclose(iterator)
 
 
-async def generate_all(state: RouterState, requests: list[GenerationRequest]) -> list[tuple[list[StreamToken], StreamEnd]]:
+async def generate_all(
+    state: RouterState, requests: list[GenerationRequest]
+) -> list[tuple[list[StreamToken], StreamEnd]]:
     """Run requests concurrently to their ends; the first failure cancels the others and is raised."""
     tasks = [asyncio.create_task(state.infer.generate(r)) for r in requests]
     try:
@@ -141,7 +158,9 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[str], headers: dict | None = None):
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        super().__init__(
+            content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         try:

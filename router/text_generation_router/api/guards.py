@@ -54,10 +54,10 @@ class ApiKeyGuard:
         return scheme.lower() == b"bearer" and secrets.compare_digest(key.strip(), self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["method"], scope["path"]) in PROTECTED_ROUTES:
-            if not self._authorized(scope):
-                await _answer(send, 401)
-                return
+        protected = scope["type"] == "http" and (scope["method"], scope["path"]) in PROTECTED_ROUTES
+        if protected and not self._authorized(scope):
+            await _answer(send, 401)
+            return
         await self.app(scope, receive, send)
 
 

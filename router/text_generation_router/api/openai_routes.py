@@ -159,7 +159,9 @@ def _chat_logprobs(tokens: list[StreamToken]) -> dict:
             {
                 "token": t.token.text,
                 "logprob": logprob_or_none(t.token.logprob),
-                "top_logprobs": [{"token": x.text, "logprob": logprob_or_none(x.logprob)} for x in t.top_tokens],
+                "top_logprobs": [
+                    {"token": x.text, "logprob": logprob_or_none(x.logprob)} for x in t.top_tokens
+                ],
             }
             for t in tokens
         ]
@@ -185,28 +187,34 @@ def _completion_logprobs(tokens: list[StreamToken], offset: int) -> dict:
     }
 
 
-def openai_routes(state: RouterState) -> APIRouter:
-    router = APIRouter(tags=[TAG])
-    validation = state.validation
-    limits = state.limits
-    chat_turn_end = turn_end_id(state.tokenizer, tuple(state.shard.eos_token_ids))
+class OpenAIRoutes:
+    """The OpenAI routes over one RouterState."""
 
-    def served_model(name: str | None) -> str:
-        return state.model_id if not name or name == "tgi" else name
+    def __init__(self, state: RouterState):
+        self.state = state
+        self.validation = state.validation
+        self.limits = state.limits
+        self.chat_turn_end = turn_end_id(state.tokenizer, tuple(state.shard.eos_token_ids))
 
-    def with_openai_sampling(request: GenerationRequest, body: OpenAIRequest) -> GenerationRequest:
-        return validation.with_openai_sampling(request, body.presence_penalty, body.frequency_penalty, body.logit_bias)
+    def served_model(self, name: str | None) -> str:
+        return self.state.model_id if not name or name == "tgi" else name
 
-    @router.get("/v1/models")
-    async def models():
+    def with_openai_sampling(self, request: GenerationRequest, body: OpenAIRequest) -> GenerationRequest:
+        return self.validation.with_openai_sampling(
+            request, body.presence_penalty, body.frequency_penalty, body.logit_bias
+        )
+
+    async def models(self):
         return {
             "object": "list",
-            "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": state.model_id}],
+            "data": [
+                {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": self.state.model_id}
+            ],
         }
 
     # -------------------------------------------------------------------------------- chat
 
-    def chat_requests(body: ChatRequest) -> list[GenerationRequest]:
+    def chat_requests(self, body: ChatRequest) -> list[GenerationRequest]:
         """The n validated requests of a chat; each also ends at the chat's end-of-turn token."""
         if body.tools and body.tool_choice != "none":
             raise ToolError("Tool error: tools are not supported by this server yet (no grammar support)")
@@ -215,14 +223,14 @@ def openai_routes(state: RouterState) -> APIRouter:
         if body.response_format is not None and body.response_format.get("type") != "text":
             raise invalid(f"`response_format` {body.response_format.get('type')!r} is not supported yet")
         _check_common(body)
-        n = _count("n", body.n, limits.max_client_batch_size)
+        n = _count("n", body.n, self.limits.max_client_batch_size)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("`top_logprobs` needs `logprobs` set to true")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise invalid("give `max_tokens` or `max_completion_tokens`, not both")
         messages = chat_messages(body)
         continue_final = messages[-1].get("role") == "assistant"
-        prompt = render_chat(state.tokenizer, messages, add_generation_prompt=not continue_final)
+        prompt = render_chat(self.state.tokenizer, messages, add_generation_prompt=not continue_final)
         if continue_final:
             # continue the assistant's message: cut the rendering right after its content (as TGI)
             content = str(messages[-1].get("content", ""))
@@ -235,33 +243,35 @@ def openai_routes(state: RouterState) -> APIRouter:
             max_new_tokens=body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
             top_n_tokens=body.top_logprobs if body.logprobs else None,
         )
-        request = validation.validate(
+        request = self.validation.validate(
             prompt, params, add_special_tokens=False, stream=body.stream, max_top_n_tokens=MAX_TOP_LOGPROBS
         )
-        request = with_openai_sampling(request, body)
-        if chat_turn_end is not None:
-            request = replace(request, stop_token_ids=(*request.stop_token_ids, chat_turn_end))
-        return validation.choices(request, n)
+        request = self.with_openai_sampling(request, body)
+        if self.chat_turn_end is not None:
+            request = replace(request, stop_token_ids=(*request.stop_token_ids, self.chat_turn_end))
+        return self.validation.choices(request, n)
 
-    def chat_chunk(body: ChatRequest, created: int, choices: list[dict], usage: dict | None = None) -> dict:
+    def chat_chunk(
+        self, body: ChatRequest, created: int, choices: list[dict], usage: dict | None = None
+    ) -> dict:
         return {
             "object": "chat.completion.chunk",
             "id": "",
             "created": created,
-            "model": served_model(body.model),
+            "model": self.served_model(body.model),
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": usage,
         }
 
-    async def chat_events(body: ChatRequest) -> AsyncIterator[str]:
+    async def chat_events(self, body: ChatRequest) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         group = RequestGroup()
         stream = None
         try:
-            requests = chat_requests(body)
-            stream = merged([token_steps(state, r) for r in requests])
+            requests = self.chat_requests(body)
+            stream = merged([token_steps(self.state, r) for r in requests])
             ends: list[StreamEnd] = []
             async for index, step in stream:
                 item = step.token
@@ -271,13 +281,13 @@ def openai_routes(state: RouterState) -> APIRouter:
                     "logprobs": _chat_logprobs([item]) if body.logprobs else None,
                     "finish_reason": _finish(step.end) if step.end else None,
                 }
-                yield sse(chat_chunk(body, created, [choice]))
+                yield sse(self.chat_chunk(body, created, [choice]))
                 if step.end is not None:
                     ends.append(step.end)
                     if len(ends) == len(requests):
                         group.succeeded(step.end)
             if include_usage:
-                yield sse(chat_chunk(body, created, [], usage_of(ends)))
+                yield sse(self.chat_chunk(body, created, [], usage_of(ends)))
         except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
             error = as_router_error(error)
             group.failed(error)
@@ -287,13 +297,12 @@ def openai_routes(state: RouterState) -> APIRouter:
             group.close()
         yield sse("[DONE]")
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(self, body: ChatRequest):
         if body.stream:
-            return SSEResponse(chat_events(body))
+            return SSEResponse(self.chat_events(body))
         group = RequestGroup()
         try:
-            results = await generate_all(state, chat_requests(body))
+            results = await generate_all(self.state, self.chat_requests(body))
         except Exception as error:  # noqa: BLE001
             error = as_router_error(error)
             group.failed(error)
@@ -313,7 +322,7 @@ def openai_routes(state: RouterState) -> APIRouter:
             "object": "chat.completion",
             "id": "",
             "created": int(time.time()),
-            "model": served_model(body.model),
+            "model": self.served_model(body.model),
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": usage_of([end for _, end in results]),
@@ -321,23 +330,26 @@ def openai_routes(state: RouterState) -> APIRouter:
 
     # -------------------------------------------------------------------------------- completions
 
-    def completion_prompts(body: CompletionRequest) -> tuple[list[str], int, int]:
+    def completion_prompts(self, body: CompletionRequest) -> tuple[list[str], int, int]:
         """The prompts, n and the candidates per prompt (best_of, at least n), all checked."""
         if body.suffix is not None:
             raise PlainValidationError(
-                "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
+                "Suffix is not supported and can be achieved by preprocessing the prompt.",
+                "suffix not supported",
             )
         _check_common(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise invalid("`prompt` cannot be empty")
-        if len(prompts) > limits.max_client_batch_size:
+        if len(prompts) > self.limits.max_client_batch_size:
             raise PlainValidationError(
-                f"Number of prompts exceeds the maximum allowed batch size of {limits.max_client_batch_size}",
+                f"Number of prompts exceeds the maximum allowed batch size of {self.limits.max_client_batch_size}",
                 "batch size exceeded",
             )
-        n = _count("n", body.n, limits.max_client_batch_size)
-        candidates = _count("best_of", body.best_of if body.best_of is not None else n, limits.max_client_batch_size)
+        n = _count("n", body.n, self.limits.max_client_batch_size)
+        candidates = _count(
+            "best_of", body.best_of if body.best_of is not None else n, self.limits.max_client_batch_size
+        )
         if candidates < n:
             raise invalid(f"`best_of` must be >= `n`. Given: best_of {candidates}, n {n}")
         if candidates > n and body.stream:
@@ -345,10 +357,14 @@ def openai_routes(state: RouterState) -> APIRouter:
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise invalid(f"`logprobs` must be >= 0 and <= {MAX_COMPLETION_LOGPROBS}. Given: {body.logprobs}")
         if body.echo and body.logprobs is not None:
-            raise invalid("`echo` with `logprobs` is not supported: the prompt's tokens carry no top logprobs")
+            raise invalid(
+                "`echo` with `logprobs` is not supported: the prompt's tokens carry no top logprobs"
+            )
         return prompts, n, candidates
 
-    def completion_requests(body: CompletionRequest, prompts: list[str], candidates: int) -> list[list[GenerationRequest]]:
+    def completion_requests(
+        self, body: CompletionRequest, prompts: list[str], candidates: int
+    ) -> list[list[GenerationRequest]]:
         params = _parameters(
             body,
             sample_by_default=False,
@@ -358,13 +374,19 @@ def openai_routes(state: RouterState) -> APIRouter:
         )
         out = []
         for prompt in prompts:
-            request = validation.validate(
-                prompt, params, add_special_tokens=True, stream=body.stream, max_top_n_tokens=MAX_COMPLETION_LOGPROBS
+            request = self.validation.validate(
+                prompt,
+                params,
+                add_special_tokens=True,
+                stream=body.stream,
+                max_top_n_tokens=MAX_COMPLETION_LOGPROBS,
             )
-            out.append(validation.choices(with_openai_sampling(request, body), candidates))
+            out.append(self.validation.choices(self.with_openai_sampling(request, body), candidates))
         return out
 
-    def completion_choice(body: CompletionRequest, index: int, prompt: str, tokens: list[StreamToken], text: str) -> dict:
+    def completion_choice(
+        self, body: CompletionRequest, index: int, prompt: str, tokens: list[StreamToken], text: str
+    ) -> dict:
         echo = prompt if body.echo else ""
         return {
             "index": index,
@@ -372,37 +394,44 @@ def openai_routes(state: RouterState) -> APIRouter:
             "logprobs": _completion_logprobs(tokens, len(echo)) if body.logprobs is not None else None,
         }
 
-    def completion_chunk(body: CompletionRequest, created: int, choice: dict) -> dict:
+    def completion_chunk(self, body: CompletionRequest, created: int, choice: dict) -> dict:
         return {
             "object": "text_completion",
             "id": "",
             "created": created,
-            "model": served_model(body.model),
+            "model": self.served_model(body.model),
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [choice],
         }
 
-    async def completion_events(body: CompletionRequest) -> AsyncIterator[str]:
+    async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         group = RequestGroup()
         stream = None
         try:
-            prompts, n, candidates = completion_prompts(body)
-            requests = [r for per_prompt in completion_requests(body, prompts, candidates) for r in per_prompt]
+            prompts, n, candidates = self.completion_prompts(body)
+            requests = [
+                r for per_prompt in self.completion_requests(body, prompts, candidates) for r in per_prompt
+            ]
             group.grow(len(prompts))
             if body.echo:
                 for index in range(len(requests)):
-                    choice = {"index": index, "text": prompts[index // n], "logprobs": None, "finish_reason": ""}
-                    yield sse(completion_chunk(body, created, choice))
-            stream = merged([token_steps(state, r) for r in requests])
+                    choice = {
+                        "index": index,
+                        "text": prompts[index // n],
+                        "logprobs": None,
+                        "finish_reason": "",
+                    }
+                    yield sse(self.completion_chunk(body, created, choice))
+            stream = merged([token_steps(self.state, r) for r in requests])
             ends: dict[int, StreamEnd] = {}
             async for index, step in stream:
-                choice = completion_choice(body, index, "", [step.token], step.token.token.text)
+                choice = self.completion_choice(body, index, "", [step.token], step.token.token.text)
                 choice["finish_reason"] = ""
-                chunk = completion_chunk(body, created, choice)
+                chunk = self.completion_chunk(body, created, choice)
                 if step.end is not None:
-                    choice["finish_reason"] = step.end.finish_reason
+                    choice["finish_reason"] = _finish(step.end)  # as the non-streamed answer says it
                     chunk["usage"] = usage_of([step.end])
                     ends[index] = step.end
                     first = index - index % n  # the prompt's first choice
@@ -411,7 +440,7 @@ def openai_routes(state: RouterState) -> APIRouter:
                 yield sse(chunk)
             if include_usage:
                 usage = _completion_usage([[ends[p * n + j] for j in range(n)] for p in range(len(prompts))])
-                yield sse({**completion_chunk(body, created, {}), "choices": [], "usage": usage})
+                yield sse({**self.completion_chunk(body, created, {}), "choices": [], "usage": usage})
         except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
             error = as_router_error(error)
             group.failed(error)
@@ -421,16 +450,15 @@ def openai_routes(state: RouterState) -> APIRouter:
             group.close()
         yield sse("[DONE]")
 
-    @router.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(self, body: CompletionRequest):
         if body.stream:
-            return SSEResponse(completion_events(body))
+            return SSEResponse(self.completion_events(body))
         group = RequestGroup()
         try:
-            prompts, n, candidates = completion_prompts(body)
-            per_prompt = completion_requests(body, prompts, candidates)
+            prompts, n, candidates = self.completion_prompts(body)
+            per_prompt = self.completion_requests(body, prompts, candidates)
             group.grow(len(prompts))
-            results = await generate_all(state, [r for requests in per_prompt for r in requests])
+            results = await generate_all(self.state, [r for requests in per_prompt for r in requests])
         except Exception as error:  # noqa: BLE001
             error = as_router_error(error)
             group.failed(error)
@@ -443,7 +471,7 @@ def openai_routes(state: RouterState) -> APIRouter:
             group.succeeded(best[0][1])
             kept.append([end for _, end in best])
             for j, (tokens, end) in enumerate(best):
-                choice = completion_choice(body, p * n + j, prompt, tokens, end.generated_text)
+                choice = self.completion_choice(body, p * n + j, prompt, tokens, end.generated_text)
                 choice["finish_reason"] = _finish(end)
                 choices.append(choice)
         return JSONResponse(
@@ -451,19 +479,27 @@ def openai_routes(state: RouterState) -> APIRouter:
                 "object": "text_completion",
                 "id": "",
                 "created": int(time.time()),
-                "model": served_model(body.model),
+                "model": self.served_model(body.model),
                 "system_fingerprint": SYSTEM_FINGERPRINT,
                 "choices": choices,
                 "usage": _completion_usage(kept),
             }
         )
 
-    return router
+    def router(self) -> APIRouter:
+        """The routes, for `FastAPI.include_router`."""
+        router = APIRouter(tags=[TAG])
+        router.get("/v1/models")(self.models)
+        router.post("/v1/chat/completions")(self.chat_completions)
+        router.post("/v1/completions")(self.completions)
+        return router
 
 
 def _completion_usage(ends_per_prompt: list[list[StreamEnd]]) -> dict:
     usages = [usage_of(ends) for ends in ends_per_prompt]
-    return {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {
+        key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
 
 
 def openai_error_event(error: RouterError) -> str:

@@ -85,21 +85,24 @@ def timing_headers(inputs: str, end: StreamEnd, total_s: float, validation_s: fl
     }
 
 
-def tgi_routes(state: RouterState) -> APIRouter:
-    router = APIRouter(tags=[TAG])
-    validation = state.validation
-    limits = state.limits
+class TGIRoutes:
+    """TGI's routes over one RouterState."""
 
-    async def run_generate(inputs: str, params: GenerateParameters) -> tuple[dict, dict]:
+    def __init__(self, state: RouterState):
+        self.state = state
+        self.validation = state.validation
+        self.limits = state.limits
+
+    async def run_generate(self, inputs: str, params: GenerateParameters) -> tuple[dict, dict]:
         """A non-stream generation (best_of candidates ranked by mean logprob): the GenerateResponse and
         TGI's timing headers. Raises RouterError."""
         start = time.perf_counter()
         group = RequestGroup()
         try:
-            best_of = validation.validate_best_of(params.best_of)
-            request = validation.validate(inputs, params, add_special_tokens=True, stream=False)
+            best_of = self.validation.validate_best_of(params.best_of)
+            request = self.validation.validate(inputs, params, add_special_tokens=True, stream=False)
             validation_s = time.perf_counter() - start
-            results = await generate_all(state, validation.choices(request, best_of))
+            results = await generate_all(self.state, self.validation.choices(request, best_of))
         except Exception as error:  # noqa: BLE001 - counted, then answered by the caller
             error = as_router_error(error)
             group.failed(error)
@@ -116,19 +119,22 @@ def tgi_routes(state: RouterState) -> APIRouter:
             details = details_json(best_tokens, best_end, request.top_n_tokens)
             if best_of > 1:
                 details["best_of_sequences"] = [
-                    {"generated_text": text_of(results[i][1]), **details_json(*results[i], request.top_n_tokens)}
+                    {
+                        "generated_text": text_of(results[i][1]),
+                        **details_json(*results[i], request.top_n_tokens),
+                    }
                     for i in order[1:]
                 ]
             response["details"] = details
         return response, timing_headers(inputs, best_end, time.perf_counter() - start, validation_s)
 
-    async def generate_events(inputs: str, params: GenerateParameters) -> AsyncIterator[str]:
+    async def generate_events(self, inputs: str, params: GenerateParameters) -> AsyncIterator[str]:
         """The SSE events of /generate_stream; an error becomes one error event (the HTTP status stays 200)."""
         group = RequestGroup()
         steps = None
         try:
-            request = validation.validate(inputs, params, add_special_tokens=True, stream=True)
-            steps = token_steps(state, request)
+            request = self.validation.validate(inputs, params, add_special_tokens=True, stream=True)
+            steps = token_steps(self.state, request)
             async for step in steps:
                 event: dict = {"index": step.index, "token": token_json(step.token.token)}
                 if step.token.top_tokens:
@@ -137,7 +143,9 @@ def tgi_routes(state: RouterState) -> APIRouter:
                 event["details"] = None
                 if step.end is not None:
                     end = step.end
-                    event["generated_text"] = inputs + end.generated_text if params.return_full_text else end.generated_text
+                    event["generated_text"] = (
+                        inputs + end.generated_text if params.return_full_text else end.generated_text
+                    )
                     if params.details:
                         event["details"] = {
                             "finish_reason": end.finish_reason,
@@ -155,93 +163,97 @@ def tgi_routes(state: RouterState) -> APIRouter:
             await aclose(steps)
             group.close()
 
-    @router.post("/generate")
-    async def generate(body: GenerateRequest):
+    async def generate(self, body: GenerateRequest):
         try:
-            response, headers = await run_generate(body.inputs, body.params())
+            response, headers = await self.run_generate(body.inputs, body.params())
         except RouterError as error:
             return error_response(error)
         return JSONResponse(response, headers=headers)
 
-    @router.post("/generate_stream")
-    async def generate_stream(body: GenerateRequest):
-        return SSEResponse(generate_events(body.inputs, body.params()), headers=stream_headers(body.inputs))
+    async def generate_stream(self, body: GenerateRequest):
+        return SSEResponse(
+            self.generate_events(body.inputs, body.params()), headers=stream_headers(body.inputs)
+        )
 
-    @router.post("/")
-    async def compat_generate(body: CompatGenerateRequest):
+    async def compat_generate(self, body: CompatGenerateRequest):
         params = body.params()
         if params.return_full_text is None:
             params = params.model_copy(update={"return_full_text": True})
         if body.stream:
-            return SSEResponse(generate_events(body.inputs, params), headers=stream_headers(body.inputs))
+            return SSEResponse(self.generate_events(body.inputs, params), headers=stream_headers(body.inputs))
         try:
-            response, headers = await run_generate(body.inputs, params)
+            response, headers = await self.run_generate(body.inputs, params)
         except RouterError as error:
             return error_response(error)
         return JSONResponse([response], headers=headers)
 
-    @router.get("/info")
-    async def info():
-        shard = state.shard
+    async def info(self):
+        shard = self.state.shard
         return {
-            "model_id": state.model_id,
+            "model_id": self.state.model_id,
             "model_sha": None,
             "model_pipeline_tag": None,
             "model_dtype": shard.dtype,
             "model_device_type": shard.device_type,
-            "max_concurrent_requests": limits.max_concurrent_requests,
-            "max_best_of": limits.max_best_of,
-            "max_stop_sequences": limits.max_stop_sequences,
-            "max_input_tokens": limits.max_input_tokens,
-            "max_total_tokens": limits.max_total_tokens,
-            "waiting_served_ratio": limits.waiting_served_ratio,
-            "max_batch_total_tokens": limits.max_batch_total_tokens,
-            "max_waiting_tokens": limits.max_waiting_tokens,
+            "max_concurrent_requests": self.limits.max_concurrent_requests,
+            "max_best_of": self.limits.max_best_of,
+            "max_stop_sequences": self.limits.max_stop_sequences,
+            "max_input_tokens": self.limits.max_input_tokens,
+            "max_total_tokens": self.limits.max_total_tokens,
+            "waiting_served_ratio": self.limits.waiting_served_ratio,
+            "max_batch_total_tokens": self.limits.max_batch_total_tokens,
+            "max_waiting_tokens": self.limits.max_waiting_tokens,
             "max_batch_size": None,
             "validation_workers": 1,
-            "max_client_batch_size": limits.max_client_batch_size,
+            "max_client_batch_size": self.limits.max_client_batch_size,
             "router": "text-generation-router",
             "version": VERSION,
             "sha": None,
             "docker_label": None,
         }
 
-    async def health() -> Response:
-        if not await state.infer.health():
+    async def health(self) -> Response:
+        if not await self.state.infer.health():
             return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
         return Response(status_code=200)
 
-    router.get("/health")(health)
-    router.get("/ping", include_in_schema=False)(health)
-    router.get("/", include_in_schema=False)(health)
-    router.get("/metrics")(metrics_response)
-
-    @router.post("/tokenize")
-    async def tokenize(body: GenerateRequest):
+    async def tokenize(self, body: GenerateRequest):
         params = body.params()
         try:
             if not body.inputs:
                 raise invalid("`inputs` cannot be empty")
-            if params.truncate is not None and not 0 < params.truncate <= limits.max_input_tokens:
+            if params.truncate is not None and not 0 < params.truncate <= self.limits.max_input_tokens:
                 raise invalid(
-                    f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
+                    f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. "
                     f"Given: {params.truncate}"
                 )
-            ids = validation.tokenize(body.inputs, True, params.truncate)
+            ids = self.validation.tokenize(body.inputs, True, params.truncate)
         except RouterError as error:
             return error_response(error)
-        return token_offsets(state.tokenizer, body.inputs, ids)
+        return token_offsets(self.state.tokenizer, body.inputs, ids)
 
-    @router.post("/chat_tokenize")
-    async def chat_tokenize(body: ChatRequest):
+    async def chat_tokenize(self, body: ChatRequest):
         try:
-            text = render_chat(state.tokenizer, chat_messages(body), add_generation_prompt=True)
+            text = render_chat(self.state.tokenizer, chat_messages(body), add_generation_prompt=True)
         except RouterError as error:
             return error_response(error)
-        ids = encode_chat(state.tokenizer, text)
-        return {"tokenize_response": token_offsets(state.tokenizer, text, ids), "templated_text": text}
+        ids = encode_chat(self.state.tokenizer, text)
+        return {"tokenize_response": token_offsets(self.state.tokenizer, text, ids), "templated_text": text}
 
-    return router
+    def router(self) -> APIRouter:
+        """The routes, for `FastAPI.include_router`."""
+        router = APIRouter(tags=[TAG])
+        router.post("/generate")(self.generate)
+        router.post("/generate_stream")(self.generate_stream)
+        router.post("/")(self.compat_generate)
+        router.get("/info")(self.info)
+        router.get("/health")(self.health)
+        router.get("/ping", include_in_schema=False)(self.health)
+        router.get("/", include_in_schema=False)(self.health)
+        router.get("/metrics")(metrics_response)
+        router.post("/tokenize")(self.tokenize)
+        router.post("/chat_tokenize")(self.chat_tokenize)
+        return router
 
 
 async def metrics_response() -> Response:
@@ -265,12 +277,21 @@ def token_offsets(tokenizer, text: str, ids: list[int]) -> list[dict]:
         except ValueError:
             piece = ""
         match = _BYTE_PIECE.fullmatch(piece)
-        candidate = bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode("utf-8")
+        candidate = (
+            bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode("utf-8")
+        )
         start = stop = cursor
         if candidate and data.startswith(candidate, cursor):
             stop = cursor + len(candidate)
         elif candidate.startswith(b" ") and len(candidate) > 1 and data.startswith(candidate[1:], cursor):
             stop = cursor + len(candidate) - 1
         cursor = stop
-        out.append({"id": token_id, "text": data[start:stop].decode("utf-8", errors="replace"), "start": start, "stop": stop})
+        out.append(
+            {
+                "id": token_id,
+                "text": data[start:stop].decode("utf-8", errors="replace"),
+                "start": start,
+                "stop": stop,
+            }
+        )
     return out
