@@ -146,11 +146,7 @@ class Infer:
         """One plan on the shards, with TGI's batch metrics; the outputs for the streams."""
         method = plan.kind
         metrics.batch_inference_count.labels(method).inc()
-        if self.tracer.enabled:
-            for chunk in plan.chunks:
-                seq = chunk.seq
-                decoding = seq.generated > 0 and chunk.start == len(seq.token_ids) - 1
-                self.tracer.step_started(seq.id, "decode" if decoding else "prefill", chunk.num_tokens)
+        self.tracer.step_started(plan.chunks)
         start = time.monotonic()
         try:
             response = await self.client.step(plan.to_pb())
@@ -159,11 +155,9 @@ class Infer:
             self.step_failed = True
             error = e if isinstance(e, RouterError) else GenerationError(f"{type(e).__name__}: {e}")
             logger.error(f"step failed ({len(plan.chunks)} requests): {error}")
-            if self.tracer.enabled:
-                self.tracer.step_ended(error)
+            self.tracer.step_ended(error)
             return self.scheduler.fail(plan, error)
-        if self.tracer.enabled:
-            self.tracer.step_ended()
+        self.tracer.step_ended()
         metrics.batch_inference_success.labels(method).inc()
         metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
         if response.forward_ns:
@@ -173,11 +167,10 @@ class Infer:
 
     def _deliver(self, outputs: list[Output]) -> None:
         for seq, item in outputs:
-            if self.tracer.enabled:
-                if isinstance(item, BaseException):
-                    self.tracer.ended(seq.id, "error", seq.generated, error=item)
-                elif item.end is not None:
-                    self.tracer.ended(seq.id, item.end.finish_reason, item.end.generated_tokens)
+            if isinstance(item, BaseException):
+                self.tracer.ended(seq.id, "error", seq.generated, error=item)
+            elif item.end is not None:
+                self.tracer.ended(seq.id, item.end.finish_reason, item.end.generated_tokens)
             if seq.stream is not None and not seq.cancelled:
                 seq.stream.put_nowait(item)
 
@@ -188,16 +181,14 @@ class Infer:
             raise OverloadedError()
         seq = self.scheduler.submit(request)  # GenerationError when it can never fit
         seq.stream = asyncio.Queue()
-        if self.tracer.enabled:
-            self.tracer.submitted(seq.id, len(request.input_ids), request.max_new_tokens)
+        self.tracer.submitted(seq.id, len(request.input_ids), request.max_new_tokens)
         self.active += 1
         self._idle.clear()
         self._wake.set()
         return _Stream(self, seq)
 
     def cancel(self, seq: Sequence) -> None:
-        if self.tracer.enabled:
-            self.tracer.ended(seq.id, "cancelled", seq.generated)
+        self.tracer.ended(seq.id, "cancelled", seq.generated)
         self.scheduler.cancel(seq)
         self._wake.set()
 

@@ -5,19 +5,25 @@ One trace per request the scheduler runs:
     generate                      from submission to the last token (or the error, or the cancellation)
     ├── queue                     submission → its first step
     └── infer                     first step → end
-        ├── prefill               one per step that computes prompt tokens of it (a chunk), attribute tokens
+        ├── prefill               one per step that computes known tokens of it (a prompt chunk), attribute tokens
         └── decode                one per step that generates one token of it
 
-Without an endpoint nothing is set up, `RequestTracer.enabled` is false, and `Infer` makes no span at all.
+Without an endpoint nothing is set up, `RequestTracer.enabled` is false and every method returns at once: no
+span is made.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
+
+if TYPE_CHECKING:
+    from .scheduler import Chunk
 
 DEFAULT_SERVICE_NAME = "text-generation-inference.router"  # TGI's
 
@@ -29,7 +35,7 @@ class RequestTracer:
         self.enabled = bool(endpoint)
         self._provider = None
         self._spans: dict[int, tuple[Span, Span | None, Span | None]] = {}  # id -> (generate, queue, infer)
-        self._steps: list[tuple[int, Span]] = []  # the spans of the step in flight
+        self._steps: list[Span] = []  # the spans of the step in flight
         if not self.enabled:
             return
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -46,32 +52,45 @@ class RequestTracer:
         logger.info(f"exporting traces to {endpoint} as {service_name!r}")
 
     def submitted(self, request_id: int, input_length: int, max_new_tokens: int) -> None:
+        if not self.enabled:
+            return
         generate = self._tracer.start_span(
             "generate", attributes={"input_length": input_length, "max_new_tokens": max_new_tokens}
         )
         queue = self._tracer.start_span("queue", context=trace.set_span_in_context(generate))
         self._spans[request_id] = (generate, queue, None)
 
-    def step_started(self, request_id: int, kind: str, tokens: int) -> None:
-        """The request is in the step about to run: `kind` "prefill" (`tokens` prompt tokens) or "decode"."""
-        if request_id not in self._spans:  # cancelled while planned: its trace has ended
+    def step_started(self, chunks: Sequence[Chunk]) -> None:
+        """The step about to run: a "decode" span for each request it gives its next token, a "prefill" span
+        for each chunk of known tokens it computes (a prompt, or what a preempted request had generated)."""
+        if not self.enabled:
             return
-        generate, queue, infer = self._spans[request_id]
         now = time.time_ns()
-        if infer is None:
-            queue.end(end_time=now)
-            infer = self._tracer.start_span(
-                "infer", context=trace.set_span_in_context(generate), start_time=now
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.id not in self._spans:  # cancelled while planned: its trace has ended
+                continue
+            generate, queue, infer = self._spans[seq.id]
+            if infer is None:
+                queue.end(end_time=now)
+                infer = self._tracer.start_span(
+                    "infer", context=trace.set_span_in_context(generate), start_time=now
+                )
+                self._spans[seq.id] = (generate, None, infer)
+            decoding = seq.generated > 0 and chunk.start == len(seq.token_ids) - 1
+            span = self._tracer.start_span(
+                "decode" if decoding else "prefill",
+                context=trace.set_span_in_context(infer),
+                start_time=now,
+                attributes={"tokens": chunk.num_tokens},
             )
-            self._spans[request_id] = (generate, None, infer)
-        span = self._tracer.start_span(
-            kind, context=trace.set_span_in_context(infer), start_time=now, attributes={"tokens": tokens}
-        )
-        self._steps.append((request_id, span))
+            self._steps.append(span)
 
     def step_ended(self, error: BaseException | None = None) -> None:
+        if not self.enabled:
+            return
         now = time.time_ns()
-        for _, span in self._steps:
+        for span in self._steps:
             if error is not None:
                 span.set_status(Status(StatusCode.ERROR, str(error)))
             span.end(end_time=now)
@@ -81,6 +100,8 @@ class RequestTracer:
         self, request_id: int, outcome: str, generated_tokens: int = 0, error: BaseException | None = None
     ) -> None:
         """The request is over: `outcome` is its finish reason, "error" or "cancelled"."""
+        if not self.enabled:
+            return
         spans = self._spans.pop(request_id, None)
         if spans is None:
             return

@@ -264,15 +264,13 @@ class OpenAIRoutes:
             "usage": usage,
         }
 
-    async def chat_events(self, body: ChatRequest) -> AsyncIterator[str]:
+    async def chat_events(self, body: ChatRequest, group: RequestGroup) -> AsyncIterator[str]:
+        """The chunks of a streamed chat: each choice's tokens as they come, then usage if asked."""
         created = int(time.time())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        group = RequestGroup()
-        stream = None
+        requests = self.chat_requests(body)
+        stream = merged([token_steps(self.state, r) for r in requests])
+        ends: list[StreamEnd] = []
         try:
-            requests = self.chat_requests(body)
-            stream = merged([token_steps(self.state, r) for r in requests])
-            ends: list[StreamEnd] = []
             async for index, step in stream:
                 item = step.token
                 choice = {
@@ -286,20 +284,15 @@ class OpenAIRoutes:
                     ends.append(step.end)
                     if len(ends) == len(requests):
                         group.succeeded(step.end)
-            if include_usage:
-                yield sse(self.chat_chunk(body, created, [], usage_of(ends)))
-        except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
-            error = as_router_error(error)
-            group.failed(error)
-            yield openai_error_event(error)
         finally:
             await aclose(stream)
-            group.close()
-        yield sse("[DONE]")
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(self.chat_chunk(body, created, [], usage_of(ends)))
 
     async def chat_completions(self, body: ChatRequest):
         if body.stream:
-            return SSEResponse(self.chat_events(body))
+            group = RequestGroup()
+            return SSEResponse(openai_event_stream(self.chat_events(body, group), group))
         group = RequestGroup()
         try:
             results = await generate_all(self.state, self.chat_requests(body))
@@ -404,28 +397,22 @@ class OpenAIRoutes:
             "choices": [choice],
         }
 
-    async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
+    async def completion_events(self, body: CompletionRequest, group: RequestGroup) -> AsyncIterator[str]:
+        """The chunks of streamed completions: the echoed prompts, every choice's tokens as they come (index
+        prompt · n + choice), then usage if asked."""
         created = int(time.time())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        group = RequestGroup()
-        stream = None
+        prompts, n, candidates = self.completion_prompts(body)
+        requests = [
+            r for per_prompt in self.completion_requests(body, prompts, candidates) for r in per_prompt
+        ]
+        group.grow(len(prompts))
+        if body.echo:
+            for index in range(len(requests)):
+                choice = {"index": index, "text": prompts[index // n], "logprobs": None, "finish_reason": ""}
+                yield sse(self.completion_chunk(body, created, choice))
+        stream = merged([token_steps(self.state, r) for r in requests])
+        ends: dict[int, StreamEnd] = {}
         try:
-            prompts, n, candidates = self.completion_prompts(body)
-            requests = [
-                r for per_prompt in self.completion_requests(body, prompts, candidates) for r in per_prompt
-            ]
-            group.grow(len(prompts))
-            if body.echo:
-                for index in range(len(requests)):
-                    choice = {
-                        "index": index,
-                        "text": prompts[index // n],
-                        "logprobs": None,
-                        "finish_reason": "",
-                    }
-                    yield sse(self.completion_chunk(body, created, choice))
-            stream = merged([token_steps(self.state, r) for r in requests])
-            ends: dict[int, StreamEnd] = {}
             async for index, step in stream:
                 choice = self.completion_choice(body, index, "", [step.token], step.token.token.text)
                 choice["finish_reason"] = ""
@@ -438,21 +425,16 @@ class OpenAIRoutes:
                     if all(first + j in ends for j in range(n)):
                         group.succeeded(step.end)  # the prompt's last choice ended
                 yield sse(chunk)
-            if include_usage:
-                usage = _completion_usage([[ends[p * n + j] for j in range(n)] for p in range(len(prompts))])
-                yield sse({**self.completion_chunk(body, created, {}), "choices": [], "usage": usage})
-        except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
-            error = as_router_error(error)
-            group.failed(error)
-            yield openai_error_event(error)
         finally:
             await aclose(stream)
-            group.close()
-        yield sse("[DONE]")
+        if body.stream_options and body.stream_options.include_usage:
+            usage = _completion_usage([[ends[p * n + j] for j in range(n)] for p in range(len(prompts))])
+            yield sse({**self.completion_chunk(body, created, {}), "choices": [], "usage": usage})
 
     async def completions(self, body: CompletionRequest):
         if body.stream:
-            return SSEResponse(self.completion_events(body))
+            group = RequestGroup()
+            return SSEResponse(openai_event_stream(self.completion_events(body, group), group))
         group = RequestGroup()
         try:
             prompts, n, candidates = self.completion_prompts(body)
@@ -500,6 +482,22 @@ def _completion_usage(ends_per_prompt: list[list[StreamEnd]]) -> dict:
     return {
         key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
     }
+
+
+async def openai_event_stream(events: AsyncIterator[str], group: RequestGroup) -> AsyncIterator[str]:
+    """`events`, then `[DONE]`; an error (validation included: the stream has started) becomes OpenAI's error
+    event. A client gone mid-stream closes this generator, which closes `events` and counts the drop."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
+        error = as_router_error(error)
+        group.failed(error)
+        yield openai_error_event(error)
+    finally:
+        await aclose(events)
+        group.close()
+    yield sse("[DONE]")
 
 
 def openai_error_event(error: RouterError) -> str:

@@ -22,6 +22,7 @@ from .common import (
     SSEResponse,
     aclose,
     as_router_error,
+    error_body,
     error_response,
     generate_all,
     logprob_or_none,
@@ -158,7 +159,7 @@ class TGIRoutes:
         except Exception as error:  # noqa: BLE001 - reported to the client inside the stream
             error = as_router_error(error)
             group.failed(error)
-            yield sse({"error": str(error), "error_type": error.error_type})
+            yield sse(error_body(error))
         finally:
             await aclose(steps)
             group.close()
