@@ -114,8 +114,47 @@ class Validation:
         `max_top_n_tokens`: the route's own cap on top_n_tokens (OpenAI's 20), instead of --max-top-n-tokens."""
         start = time.perf_counter()
         p = parameters if parameters is not None else GenerateParameters.absent()
+        self._check_modes(p, stream)
+        sampling = self._sampling(p)
         limits = self.limits
+        if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+            raise invalid(f"`max_new_tokens` must be strictly positive (> 0). Given: {p.max_new_tokens}")
+        if len(p.stop) > limits.max_stop_sequences:
+            raise invalid(
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+            )
+        if any(s == "" for s in p.stop):
+            raise invalid("`stop` sequences must not be empty strings")
+        top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
+        top_n_cap = limits.max_top_n_tokens if max_top_n_tokens is None else max_top_n_tokens
+        if not 0 <= top_n_tokens <= top_n_cap:
+            raise invalid(f"`top_n_tokens` must be >= 0 and <= {top_n_cap}. Given: {top_n_tokens}")
 
+        input_ids = self._input_ids(inputs, p.truncate, add_special_tokens)
+        input_length = len(input_ids)
+        max_new_tokens = (
+            p.max_new_tokens if p.max_new_tokens is not None else limits.max_total_tokens - input_length
+        )
+        if max_new_tokens <= 0 or input_length + max_new_tokens > limits.max_total_tokens:
+            raise invalid(
+                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+        request = GenerationRequest(
+            input_ids=tuple(input_ids),
+            parameters=sampling,
+            max_new_tokens=max_new_tokens,
+            stop_sequences=tuple(p.stop),
+            top_n_tokens=top_n_tokens,
+            prefill_logprobs=p.decoder_input_details,
+        )
+        metrics.request_validation_duration.observe(time.perf_counter() - start)
+        metrics.request_input_length.observe(input_length)
+        metrics.request_max_new_tokens.observe(max_new_tokens)
+        return request
+
+    def _check_modes(self, p: GenerateParameters, stream: bool) -> None:
+        """best_of, streaming and the features this server does not have."""
         best_of = self.validate_best_of(p.best_of)
         if best_of > 1:
             if stream:
@@ -129,7 +168,16 @@ class Validation:
                 raise invalid("`seed` must not be set when `best_of` > 1")
         if stream and p.decoder_input_details:
             raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
+        if p.grammar is not None:
+            raise invalid("grammar is not supported")
+        if p.watermark:
+            raise invalid("`watermark` is not supported: it must be false")
+        if p.adapter_id is not None:
+            raise invalid(f"`adapter_id` is not supported (no adapters are loaded). Given: {p.adapter_id!r}")
 
+    @staticmethod
+    def _sampling(p: GenerateParameters) -> SamplingParams:
+        """TGI's sampling parameters, checked; a random seed when none is given."""
         temperature = 1.0 if p.temperature is None else p.temperature
         if not temperature > 0:
             raise invalid(f"`temperature` must be strictly positive (> 0). Given: {temperature}")
@@ -141,87 +189,40 @@ class Validation:
         frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
         if not -2.0 <= frequency_penalty <= 2.0:
             raise invalid(f"`frequency_penalty` must be >= -2.0 and <= 2.0. Given: {frequency_penalty}")
-        top_p = 1.0 if p.top_p is None else p.top_p
         if p.top_p is not None and not 0.0 < p.top_p < 1.0:
             raise invalid(f"`top_p` must be > 0.0 and < 1.0. Given: {p.top_p}")
-        typical_p = 1.0 if p.typical_p is None else p.typical_p
         if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
             raise invalid(f"`typical_p` must be > 0.0 and < 1.0. Given: {p.typical_p}")
-        top_k = 0 if p.top_k is None else p.top_k
         if p.top_k is not None and p.top_k <= 0:
             raise invalid(f"`top_k` must be strictly positive (> 0). Given: {p.top_k}")
-
-        if p.max_new_tokens is not None and p.max_new_tokens <= 0:
-            raise invalid(f"`max_new_tokens` must be strictly positive (> 0). Given: {p.max_new_tokens}")
-        if len(p.stop) > limits.max_stop_sequences:
-            raise invalid(
-                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
-            )
-        if any(s == "" for s in p.stop):
-            raise invalid("`stop` sequences must not be empty strings")
-
         if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
             raise invalid(f"`seed` must be >= 0 and <= {MAX_SEED}. Given: {p.seed}")
-        seed = p.seed if p.seed is not None else random.randrange(2**63)
+        return SamplingParams(
+            temperature=temperature,
+            top_k=0 if p.top_k is None else p.top_k,
+            top_p=1.0 if p.top_p is None else p.top_p,
+            typical_p=1.0 if p.typical_p is None else p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed if p.seed is not None else random.randrange(2**63),
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+        )
 
-        top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
-        top_n_cap = limits.max_top_n_tokens if max_top_n_tokens is None else max_top_n_tokens
-        if not 0 <= top_n_tokens <= top_n_cap:
-            raise invalid(f"`top_n_tokens` must be >= 0 and <= {top_n_cap}. Given: {top_n_tokens}")
-
-        if p.grammar is not None:
-            raise invalid("grammar is not supported")
-        if p.watermark:
-            raise invalid("`watermark` is not supported: it must be false")
-        if p.adapter_id is not None:
-            raise invalid(f"`adapter_id` is not supported (no adapters are loaded). Given: {p.adapter_id!r}")
-
+    def _input_ids(self, inputs: str, truncate: int | None, add_special_tokens: bool) -> list[int]:
+        """The prompt's ids, truncated as asked; never empty, never longer than max_input_tokens."""
+        max_input_tokens = self.limits.max_input_tokens
         if not inputs:
             raise invalid("`inputs` cannot be empty")
-        if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
+        if truncate is not None and not 0 < truncate <= max_input_tokens:
             raise invalid(
-                f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
-                f"Given: {p.truncate}"
+                f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {truncate}"
             )
-
-        input_ids = self.tokenize(inputs, add_special_tokens, p.truncate)
-        input_length = len(input_ids)
-        if input_length == 0:
+        input_ids = self.tokenize(inputs, add_special_tokens, truncate)
+        if not input_ids:
             raise invalid("`inputs` cannot be empty (it encodes to no tokens)")
-        if input_length > limits.max_input_tokens:
-            raise invalid(
-                f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}"
-            )
-        max_new_tokens = (
-            p.max_new_tokens if p.max_new_tokens is not None else limits.max_total_tokens - input_length
-        )
-        if max_new_tokens <= 0 or input_length + max_new_tokens > limits.max_total_tokens:
-            raise invalid(
-                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-            )
-
-        request = GenerationRequest(
-            input_ids=tuple(input_ids),
-            parameters=SamplingParams(
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                typical_p=typical_p,
-                do_sample=p.do_sample,
-                seed=seed,
-                repetition_penalty=repetition_penalty,
-                frequency_penalty=frequency_penalty,
-            ),
-            max_new_tokens=max_new_tokens,
-            stop_sequences=tuple(p.stop),
-            top_n_tokens=top_n_tokens,
-            prefill_logprobs=p.decoder_input_details,
-        )
-        metrics.request_validation_duration.observe(time.perf_counter() - start)
-        metrics.request_input_length.observe(input_length)
-        metrics.request_max_new_tokens.observe(max_new_tokens)
-        return request
+        if len(input_ids) > max_input_tokens:
+            raise invalid(f"`inputs` must have less than {max_input_tokens} tokens. Given: {len(input_ids)}")
+        return input_ids
 
     def with_openai_sampling(
         self,
