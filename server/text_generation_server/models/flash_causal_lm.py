@@ -80,14 +80,16 @@ class FlashCausalLM:
         dtype: torch.dtype,
         device: torch.device,
         tp: TensorParallelGroup = SINGLE_RANK,
+        kernels: str = "auto",
     ):
+        """kernels: the ops backend (`text_generation_server.ops.select_ops`)."""
         config.check_world_size(tp.world_size)
         self.model_dir = model_dir
         self.config = config
         self.dtype = dtype
         self.device = device
         self.tp = tp
-        self.ops = select_ops(device)
+        self.ops = select_ops(device, kernels, config.head_dim, dtype)
         # KV heads held by this rank: the cache is split over the ranks like the attention
         self.num_kv_heads = config.num_key_value_heads // tp.world_size
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config.vocab_size)

