@@ -165,3 +165,26 @@ def test_auto_picks_the_reference_for_shapes_the_kernels_do_not_support(kernels)
     assert select_ops(torch.device("meta"), "auto", HEAD_DIM, torch.float32).name == "reference"
     with pytest.raises(ValueError, match="kernels must be one of"):
         select_ops(CPU, "fast", HEAD_DIM, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_equals_the_reference(kernels, dtype):
+    gate_up = torch.randn(5, 2 * 96).to(dtype)
+    expected = ReferenceOps().silu_and_mul(gate_up)
+    got = kernels.silu_and_mul(gate_up)
+    assert got.shape == (5, 96)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_reference_on_views_of_the_projection(kernels, dtype):
+    tokens, heads, kv_heads = 7, 8, 2
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * HEAD_DIM).to(dtype)
+    query, key, _ = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], dim=-1)
+    angles = torch.rand(tokens, HEAD_DIM // 2) * 6
+    meta = _meta([[0]], 32, [(0, tokens)])
+    meta.cos, meta.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected = ReferenceOps().rotary(query.clone(), key.clone(), meta)
+    got = kernels.rotary(query, key, meta)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

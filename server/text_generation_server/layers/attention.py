@@ -33,8 +33,9 @@ class PagedSelfAttention(torch.nn.Module):
         tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.project_qkv(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.ops.rotary(q.view(tokens, self.num_heads, self.head_dim), meta.cos, meta.sin)  # (T, H, D)
-        k = self.ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)  # (T, KV, D)
+        q, k = self.ops.rotary(q, k, meta)  # [T, H·D], [T, KV·D]
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         self.ops.write_kv(kv_cache, self.layer_index, k, v, meta)
         attended = self.ops.paged_attention(q, k, v, kv_cache, self.layer_index, meta, self.scale)

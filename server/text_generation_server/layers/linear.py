@@ -64,9 +64,10 @@ def column_shard(weights, name: str, in_features: int, out_features: int, bias: 
     return weight, bias_tensor
 
 
-def load_column_shard(weights, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
-    """A column-parallel linear: this rank's output rows of `name`."""
-    return Linear(*column_shard(weights, name, in_features, out_features, bias))
+def load_merged_column_shards(weights, names: list[str], in_features: int, out_features: int) -> Linear:
+    """One column-parallel linear for several same-shape ones (SwiGLU's gate and up): this rank's output rows
+    of each, stacked in the order of `names`, so one matrix product computes all of them."""
+    return Linear(torch.cat([column_shard(weights, name, in_features, out_features)[0] for name in names]))
 
 
 class RowParallelLinear(nn.Module):

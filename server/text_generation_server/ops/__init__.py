@@ -92,12 +92,16 @@ class Ops:
         """x [T, hidden] -> weight * x / sqrt(mean(x²) + eps), same dtype as x."""
         raise NotImplementedError
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half rotary: x [T, heads, D], cos/sin [T, D/2] -> rotated x."""
+    def rotary(
+        self, query: torch.Tensor, key: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half rotary with the step's tables (meta.cos/sin [T, D/2]): query [T, H·D] and key [T, KV·D],
+        which may be row-strided views of the qkv projection -> (query, key) rotated, same shapes. A backend
+        may rotate them in place."""
         raise NotImplementedError
 
-    def silu_and_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """SwiGLU's activation: silu(gate) * up, both [T, inner]."""
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's activation: gate_up [T, 2·inner] is [gate | up] -> silu(gate) * up [T, inner]."""
         raise NotImplementedError
 
     def write_kv(

@@ -93,13 +93,21 @@ class ReferenceOps(Ops):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(x.dtype)
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def rotary(
+        self, query: torch.Tensor, key: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = meta.cos[:, None, :], meta.sin[:, None, :]
+        half = cos.shape[-1]
 
-    def silu_and_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(x.shape[0], -1, 2 * half)  # (T, heads, D)
+            x1, x2 = x[..., :half], x[..., half:]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)
+
+        return rotate(query), rotate(key)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     # ----- attention ------------------------------------------------------------------------------------

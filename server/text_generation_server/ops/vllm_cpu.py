@@ -8,7 +8,7 @@ alone, so the `vllm` Python package (and its dependencies) is never imported. Of
   * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
     with or without a cached prefix, decoding requests) reading each context block in place, with an online
     softmax in float32: no gathered copy of any context;
-  * `rms_norm`.
+  * `rms_norm`, `silu_and_mul` and `rotary_embedding` (rotate-half, in place).
 Everything else is the reference's. The wheel holds three builds of the library; the one loaded is the one
 its own CPU platform code picks: `_C` with AVX-512 and AVX512-BF16, `_C_AVX512` with AVX-512 alone, else
 `_C_AVX2`.
@@ -110,6 +110,25 @@ class VllmCpuOps(ReferenceOps):
         out = torch.empty_like(x)
         self._kernels.rms_norm(out, x.contiguous(), weight, eps)
         return out
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+        self._kernels.silu_and_mul(out, gate_up.contiguous())
+        return out
+
+    def rotary(
+        self, query: torch.Tensor, key: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The kernel looks each token's row up in a table by position; the step's per-token tables (which carry
+        # dynamic NTK's per-length bases) are that table, looked up at 0 … T-1. In place, on [T, heads·D].
+        tables = meta.backend_data.get("rotary")
+        if tables is None:
+            tables = meta.backend_data["rotary"] = (
+                torch.arange(meta.num_tokens), torch.cat((meta.cos, meta.sin), dim=-1).contiguous()
+            )
+        rows, cos_sin = tables
+        self._kernels.rotary_embedding(rows, query, key, cos_sin.shape[-1], cos_sin, True, 0, False)
+        return query, key
 
     def write_kv(
         self, kv_cache: KVCache, layer: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata

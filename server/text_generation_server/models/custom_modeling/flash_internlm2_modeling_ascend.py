@@ -1,8 +1,9 @@
 """InternLM2 (internlm2-chat-1_8b/7b/20b, internlm2_5) on a paged KV cache.
 
-Modules keep the checkpoint's names (`tok_embeddings`, `attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`,
+Modules keep the checkpoint's names (`tok_embeddings`, `attention.wqkv`, `attention.wo`, `feed_forward.w2`,
 `attention_norm`, `ffn_norm`, `norm`, `output`), so loading is a walk over those names with no mapping table.
-The one transformation is the fused `wqkv`, which is de-interleaved once at load time (see `split_wqkv`).
+Two transformations at load time: the fused `wqkv` is de-interleaved (see `split_wqkv`), and `feed_forward.w1`
+and `w3` are stacked into one matrix, `feed_forward.w1_w3`, so SwiGLU's two input products are one.
 The model code is device-neutral: normalisation, rotary, the SwiGLU activation and paged attention are calls to
 the `ops` backend chosen for the device (`text_generation_server.ops`).
 """
@@ -19,7 +20,7 @@ from text_generation_server.layers.linear import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
-    load_column_shard,
+    load_merged_column_shards,
 )
 from text_generation_server.models.config import ModelConfig
 from text_generation_server.ops import AttentionMetadata, KVCache, Ops
@@ -91,18 +92,18 @@ class InternLM2Attention(PagedSelfAttention):
 
 
 class InternLM2MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x); w1/w3 split by output rows, w2 by input columns."""
+    """SwiGLU: w2(silu(w1 x) · w3 x), with w1 and w3 as one product [w1; w3] x; split by output rows over the
+    ranks (each rank stacks its own rows of w1 and of w3), w2 by input columns."""
 
     def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.ops = ops
-        self.w1 = load_column_shard(weights, f"{prefix}.w1", hidden, inner)
-        self.w3 = load_column_shard(weights, f"{prefix}.w3", hidden, inner)
+        self.w1_w3 = load_merged_column_shards(weights, [f"{prefix}.w1", f"{prefix}.w3"], hidden, inner)
         self.w2 = RowParallelLinear.load(weights, f"{prefix}.w2", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.ops.silu_and_mul(self.w1(x), self.w3(x)))
+        return self.w2(self.ops.silu_and_mul(self.w1_w3(x)))
 
 
 class InternLM2DecoderLayer(nn.Module):

@@ -17,7 +17,7 @@ from text_generation_server.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
     column_shard,
-    load_column_shard,
+    load_merged_column_shards,
 )
 from text_generation_server.models.config import ModelConfig
 from text_generation_server.ops import AttentionMetadata, KVCache, Ops
@@ -52,18 +52,20 @@ class LlamaAttention(PagedSelfAttention):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) · up x); gate/up split by output rows, down by input columns."""
+    """SwiGLU: down(silu(gate x) · up x), with gate and up as one product [gate; up] x; split by output rows
+    over the ranks, down by input columns."""
 
     def __init__(self, prefix: str, config: ModelConfig, weights, ops: Ops):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.ops = ops
-        self.gate_proj = load_column_shard(weights, f"{prefix}.gate_proj", hidden, inner)
-        self.up_proj = load_column_shard(weights, f"{prefix}.up_proj", hidden, inner)
+        self.gate_up_proj = load_merged_column_shards(
+            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], hidden, inner
+        )
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
