@@ -73,6 +73,10 @@ class ReferenceOps(Ops):
         """Key + value of one token in every layer: sized by the KV heads, not the attention heads."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def block_shape(self, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+        """One block of one layer's keys (or values): token-major, [block_size, KV, D]."""
+        return (block_size, num_kv_heads, head_dim)
+
     def allocate_kv_cache(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
@@ -80,7 +84,7 @@ class ReferenceOps(Ops):
         if num_blocks < 1:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         self.check_kv_layout(block_size, head_dim, dtype)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, *self.block_shape(block_size, num_kv_heads, head_dim))
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         return KVCache(keys, values, num_blocks, block_size)

@@ -94,17 +94,9 @@ class VllmCpuOps(ReferenceOps):
         if dtype not in DTYPES:
             raise ValueError(f"the {self.name} kernels need float32, bfloat16 or float16, not {dtype}")
 
-    def allocate_kv_cache(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> KVCache:
-        if num_blocks < 1:
-            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
-        self.check_kv_layout(block_size, head_dim, dtype)
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        return KVCache(keys, values, num_blocks, block_size)
+    def block_shape(self, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+        """Head-major blocks, [KV, block_size, D], written only by `cpu_attn_reshape_and_cache`."""
+        return (num_kv_heads, block_size, head_dim)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
