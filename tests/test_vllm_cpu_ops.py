@@ -36,7 +36,11 @@ def kernels() -> vllm_cpu.VllmCpuOps:
 def _meta(tables: list[list[int]], block_size: int, spans: list[tuple[int, int]]) -> AttentionMetadata:
     """The metadata of a step computing positions [start, stop) of each request."""
     positions = [p for start, stop in spans for p in range(start, stop)]
-    slots = [t[p // block_size] * block_size + p % block_size for t, (s, e) in zip(tables, spans) for p in range(s, e)]
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for t, (s, e) in zip(tables, spans)
+        for p in range(s, e)
+    ]
     width = max(len(t) for t in tables)
     return AttentionMetadata(
         query_lens=[stop - start for start, stop in spans],
@@ -96,14 +100,21 @@ def test_rms_norm_equals_the_reference(kernels, dtype):
     x = torch.randn(7, 256).to(dtype)
     weight = torch.rand(256).to(dtype) + 0.5
     expected = ReferenceOps().rms_norm(x, weight, 1e-6)
-    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6).float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(
+        kernels.rms_norm(x, weight, 1e-6).float(),
+        expected.float(),
+        atol=TOLERANCE[dtype],
+        rtol=TOLERANCE[dtype],
+    )
 
 
 @pytest.fixture(scope="module")
 def head_dim_64_model(tmp_path_factory):
     from conftest import make_tiny
 
-    return make_tiny(tmp_path_factory, "head-dim-64", hidden=256, heads=4, kv_heads=2, layers=2, intermediate=256)
+    return make_tiny(
+        tmp_path_factory, "head-dim-64", hidden=256, heads=4, kv_heads=2, layers=2, intermediate=256
+    )
 
 
 def _engine(model_dir, kernels: str, dtype: str = "float32"):
@@ -141,11 +152,17 @@ def test_prefix_cache_hit_gives_the_same_tokens(kernels, head_dim_64_model):
         return StoppingParameters(max_new_tokens=n, ignore_eos_token=True)
 
     first = NewRequest(token_ids=tuple(prefix), prompt_length=len(prefix), stopping=stopping(1))
-    fast.step(Step(requests=(ScheduledRequest(0, len(prefix), (0, 1, 2), first),)))  # blocks 0, 1 hold the prefix
+    fast.step(
+        Step(requests=(ScheduledRequest(0, len(prefix), (0, 1, 2), first),))
+    )  # blocks 0, 1 hold the prefix
     assert not fast.requests
     cached = 2 * block
-    second = NewRequest(token_ids=tuple(prompt), prompt_length=len(prompt), num_cached_tokens=cached, stopping=stopping(6))
-    tokens = [fast.step(Step(requests=(ScheduledRequest(1, len(prompt) - cached, (0, 1, 3), second),)))[0].token_id]
+    second = NewRequest(
+        token_ids=tuple(prompt), prompt_length=len(prompt), num_cached_tokens=cached, stopping=stopping(6)
+    )
+    tokens = [
+        fast.step(Step(requests=(ScheduledRequest(1, len(prompt) - cached, (0, 1, 3), second),)))[0].token_id
+    ]
     while fast.requests:
         tokens += [g.token_id for g in fast.step(Step(requests=(ScheduledRequest(1, 1),)))]
     assert tokens == expected

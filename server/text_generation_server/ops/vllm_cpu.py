@@ -43,9 +43,13 @@ def library_path() -> Path:
     try:
         distribution = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise KernelsUnavailable(f"{DISTRIBUTION} is not installed (make install adds {DISTRIBUTION}=={VERSION})")
+        raise KernelsUnavailable(
+            f"{DISTRIBUTION} is not installed (make install adds {DISTRIBUTION}=={VERSION})"
+        )
     if distribution.version != VERSION:
-        raise KernelsUnavailable(f"{DISTRIBUTION} {distribution.version} is installed; these kernels need {VERSION}")
+        raise KernelsUnavailable(
+            f"{DISTRIBUTION} {distribution.version} is installed; these kernels need {VERSION}"
+        )
     if torch.cpu._is_avx512_supported():
         name = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
     else:
@@ -88,7 +92,9 @@ class VllmCpuOps(ReferenceOps):
 
     def check_kv_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
         if block_size < 16 or block_size % 16:
-            raise ValueError(f"the {self.name} kernels need a KV block size that is a multiple of 16, got {block_size}")
+            raise ValueError(
+                f"the {self.name} kernels need a KV block size that is a multiple of 16, got {block_size}"
+            )
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"the {self.name} kernels support head_dim {HEAD_DIMS}, not {head_dim}")
         if dtype not in DTYPES:
@@ -116,7 +122,8 @@ class VllmCpuOps(ReferenceOps):
         tables = meta.backend_data.get("rotary")
         if tables is None:
             tables = meta.backend_data["rotary"] = (
-                torch.arange(meta.num_tokens), torch.cat((meta.cos, meta.sin), dim=-1).contiguous()
+                torch.arange(meta.num_tokens),
+                torch.cat((meta.cos, meta.sin), dim=-1).contiguous(),
             )
         rows, cos_sin = tables
         self._kernels.rotary_embedding(rows, query, key, cos_sin.shape[-1], cos_sin, True, 0, False)
@@ -131,8 +138,14 @@ class VllmCpuOps(ReferenceOps):
         )
 
     def paged_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, layer: int,
-        meta: AttentionMetadata, scale: float,
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         step = meta.backend_data.get(self.name)
         if step is None:  # the first layer of the step: what every layer of it shares
@@ -140,8 +153,24 @@ class VllmCpuOps(ReferenceOps):
         query_starts, context_lens, block_tables, schedule = step
         out = torch.empty_like(query)
         self._kernels.cpu_attention_with_kv_cache(
-            query, kv_cache.keys[layer], kv_cache.values[layer], out, query_starts, context_lens, scale, True,
-            None, -1, block_tables, 0.0, schedule, None, None, 1.0, 1.0, "auto",
+            query,
+            kv_cache.keys[layer],
+            kv_cache.values[layer],
+            out,
+            query_starts,
+            context_lens,
+            scale,
+            True,
+            None,
+            -1,
+            block_tables,
+            0.0,
+            schedule,
+            None,
+            None,
+            1.0,
+            1.0,
+            "auto",
         )
         return out
 
@@ -152,7 +181,18 @@ class VllmCpuOps(ReferenceOps):
         query_starts = torch.tensor(meta.query_starts, dtype=torch.int32)
         context_lens = torch.tensor(meta.context_lens, dtype=torch.int32)
         schedule = self._kernels.get_scheduler_metadata(
-            len(meta.query_lens), heads, kv_heads, head_dim, context_lens, query.dtype, query_starts, True, -1,
-            attention_isa(query.dtype, kv_cache.block_size), False, None, "auto",
+            len(meta.query_lens),
+            heads,
+            kv_heads,
+            head_dim,
+            context_lens,
+            query.dtype,
+            query_starts,
+            True,
+            -1,
+            attention_isa(query.dtype, kv_cache.block_size),
+            False,
+            None,
+            "auto",
         )
         return query_starts, context_lens, meta.block_tables.to(torch.int32), schedule
