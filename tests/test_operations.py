@@ -4,6 +4,7 @@ a gRPC TraceService), TGI's /health after a failed step, and the rope overrides 
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -92,7 +93,7 @@ def stack(tiny_internlm2_dir, tmp_path_factory, receiver):
         "--otlp-service-name", SERVICE_NAME,
         "--max-batch-prefill-tokens", "12",
     ]
-    env = {**__import__("os").environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}  # export spans within 0.1 s
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}  # export spans within 0.1 s
     with start_stack(tiny_internlm2_dir, directory, grpc=False, router_args=args, env=env) as running:
         running.prometheus_port = prometheus_port
         yield running
