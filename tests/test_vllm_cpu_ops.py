@@ -222,3 +222,7 @@ def test_a_shard_asked_for_kernels_it_cannot_use_stops_with_the_reason(kernels, 
     assert shard.returncode == 1
     assert "--kernels vllm-cpu cannot be used" in shard.stderr + shard.stdout
     assert "head_dim" in shard.stderr + shard.stdout
+
+
+def test_float16_runs_on_the_reference_under_auto(kernels):
+    assert select_ops(CPU, "auto", HEAD_DIM, torch.float16).name == "reference"

