@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
+from text_generation_router.infer import Infer
 from text_generation_router.text import TextStream
 from text_generation_router.types import (
     GenerationError,
@@ -74,17 +75,7 @@ class FakeInfer:
     async def health(self) -> bool:
         return self.healthy
 
-    async def generate(self, request: GenerationRequest) -> tuple[list[StreamToken], StreamEnd]:
-        tokens = []
-        stream = self.stream(request)
-        try:
-            async for item in stream:
-                tokens.append(item)
-                if item.end is not None:
-                    return tokens, item.end
-        finally:
-            await stream.aclose()
-        raise AssertionError("the stream ended without a final token")
+    generate = Infer.generate  # the real one: it only drives `self.stream`
 
     async def _run(self, request: GenerationRequest):
         text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)

@@ -208,8 +208,9 @@ class Validation:
             frequency_penalty=frequency_penalty,
         )
 
-    def _input_ids(self, inputs: str, truncate: int | None, add_special_tokens: bool) -> list[int]:
-        """The prompt's ids, truncated as asked; never empty, never longer than max_input_tokens."""
+    def truncated_ids(self, inputs: str, truncate: int | None, add_special_tokens: bool = True) -> list[int]:
+        """The ids of non-empty `inputs`, truncated from the left to `truncate` (0 < truncate ≤ max_input_tokens)
+        if given: what /tokenize returns."""
         max_input_tokens = self.limits.max_input_tokens
         if not inputs:
             raise invalid("`inputs` cannot be empty")
@@ -217,7 +218,12 @@ class Validation:
             raise invalid(
                 f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {truncate}"
             )
-        input_ids = self.tokenize(inputs, add_special_tokens, truncate)
+        return self.tokenize(inputs, add_special_tokens, truncate)
+
+    def _input_ids(self, inputs: str, truncate: int | None, add_special_tokens: bool) -> list[int]:
+        """The prompt's ids, truncated as asked; never empty, never longer than max_input_tokens."""
+        max_input_tokens = self.limits.max_input_tokens
+        input_ids = self.truncated_ids(inputs, truncate, add_special_tokens)
         if not input_ids:
             raise invalid("`inputs` cannot be empty (it encodes to no tokens)")
         if len(input_ids) > max_input_tokens:

@@ -15,7 +15,7 @@ from .. import metrics
 from ..chat import encode_chat, render_chat
 from ..request_metrics import RequestGroup
 from ..types import RouterError, RouterState, StreamEnd, StreamToken, Token
-from ..validation import GenerateParameters, invalid
+from ..validation import GenerateParameters
 from .common import (
     COMPUTE_TYPE,
     VERSION,
@@ -219,16 +219,8 @@ class TGIRoutes:
         return Response(status_code=200)
 
     async def tokenize(self, body: GenerateRequest):
-        params = body.params()
         try:
-            if not body.inputs:
-                raise invalid("`inputs` cannot be empty")
-            if params.truncate is not None and not 0 < params.truncate <= self.limits.max_input_tokens:
-                raise invalid(
-                    f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. "
-                    f"Given: {params.truncate}"
-                )
-            ids = self.validation.tokenize(body.inputs, True, params.truncate)
+            ids = self.validation.truncated_ids(body.inputs, body.params().truncate)
         except RouterError as error:
             return error_response(error)
         return token_offsets(self.state.tokenizer, body.inputs, ids)
