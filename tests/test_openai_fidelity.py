@@ -149,6 +149,16 @@ def test_logit_bias_echo_best_of_and_logprobs(client, engine, tokenizer):
         list(client.completions.create(model="tgi", prompt=PROMPT, max_tokens=2, best_of=2, stream=True))
 
 
+def test_ignore_eos_generates_max_tokens_past_the_eos_token(client, tokenizer):
+    eos = {str(tokenizer.eos_token_id): 100}  # EOS at every step
+    stopped = client.completions.create(model="tgi", prompt=PROMPT, max_tokens=6, temperature=0, logit_bias=eos)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    kept = client.completions.create(
+        model="tgi", prompt=PROMPT, max_tokens=6, temperature=0, logit_bias=eos, extra_body={"ignore_eos": True}
+    )
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 6
+
+
 def test_top_logprobs_up_to_openai_limit_and_generate_keeps_tgi_limit(client, stack):
     messages = [{"role": "user", "content": PROMPT}]
     done = client.chat.completions.create(

@@ -87,6 +87,7 @@ class OpenAIRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-sequence token
 
 
 class ChatRequest(OpenAIRequest):
@@ -200,9 +201,11 @@ class OpenAIRoutes:
         return self.state.model_id if not name or name == "tgi" else name
 
     def with_openai_sampling(self, request: GenerationRequest, body: OpenAIRequest) -> GenerationRequest:
-        return self.validation.with_openai_sampling(
+        """`request` with the body's OpenAI penalties and logit bias, and vLLM's `ignore_eos`."""
+        request = self.validation.with_openai_sampling(
             request, body.presence_penalty, body.frequency_penalty, body.logit_bias
         )
+        return replace(request, ignore_eos_token=body.ignore_eos)
 
     async def models(self):
         return {
