@@ -185,6 +185,19 @@ def test_auto_picks_the_reference_for_shapes_the_kernels_do_not_support(kernels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias):
+    weight = torch.randn(320, 192).to(dtype)
+    bias = torch.randn(320).to(dtype) if with_bias else None
+    x = torch.randn(tokens + 3, 192).to(dtype)[3:]  # a view that does not start at its storage's start
+    expected = ReferenceOps().linear(weight, bias)(x)
+    got = kernels.linear(weight, bias)(x)
+    assert got.shape == (tokens, 320) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_and_mul_equals_the_reference(kernels, dtype):
     gate_up = torch.randn(5, 2 * 96).to(dtype)
     expected = ReferenceOps().silu_and_mul(gate_up)

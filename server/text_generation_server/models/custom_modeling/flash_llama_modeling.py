@@ -41,6 +41,7 @@ class LlamaAttention(PagedSelfAttention):
         self.qkv_proj = Linear(
             torch.cat([weight for weight, _ in parts]),
             torch.cat([bias_part for _, bias_part in parts]) if bias else None,
+            weights.ops,
         )
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", q_rows, hidden, bias=bias)
 
@@ -106,7 +107,7 @@ class FlashLlamaForCausalLM(nn.Module):
         self.model = LlamaModel("model", config, weights, ops)
         # A tied head reuses the embedding; some tied checkpoints still carry a copy of it as lm_head.weight.
         if config.tie_word_embeddings and not weights.has("lm_head.weight"):
-            self.lm_head = ParallelLMHead(self.model.embed_tokens.weight, config.vocab_size, weights.tp)
+            self.lm_head = ParallelLMHead(self.model.embed_tokens.weight, config.vocab_size, weights.tp, ops)
         else:
             self.lm_head = ParallelLMHead.load(weights, "lm_head", config.vocab_size, config.hidden_size)
 
