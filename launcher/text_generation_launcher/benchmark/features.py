@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .served import ServedStack, client_session, sse_arrivals
+from .served import ServedStack, Stream, client_session, sse_arrivals
 from .stats import ms, percentile
 from .workloads import PromptMaker
 
@@ -71,7 +71,7 @@ def prefix_cache(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
                 return {"model": "tgi", "messages": messages, "max_tokens": w.chat_new, "stream": True,
                         "temperature": 0}
 
-            async def burst() -> list[tuple[float, list[float]]]:
+            async def burst() -> tuple[list[Stream], str]:
                 async with client_session() as session:
                     await sse_arrivals(session, chat, body(warm_system, questions[0]))
                     before = stack.metrics_text()
@@ -82,7 +82,7 @@ def prefix_cache(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
             after = stack.metrics_text()
         finally:
             stack.close()
-        ttfts = [arrivals[0] - sent for sent, arrivals in answers]
+        ttfts = [arrivals[0] - sent for sent, arrivals, _ in answers]
         results[mode] = {
             "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p90_ms": ms(percentile(ttfts, 90)),
             "prefix_cache_queries": _counter(after, "tgi_prefix_cache_queries") - _counter(before, "tgi_prefix_cache_queries"),
@@ -152,7 +152,7 @@ async def _streams_while_prompts_arrive(stack: ServedStack, streams, longs, w: F
         start = time.perf_counter()
         ttfts = []
         for prompt in longs:  # one after another: each arrives while the streams decode
-            sent, tokens = await sse_arrivals(session, url, body(prompt))
+            sent, tokens, _ = await sse_arrivals(session, url, body(prompt))
             ttfts.append(tokens[0] - sent)
         end = time.perf_counter()
         ended_early = sum(t.done() for t in tasks)
@@ -199,12 +199,12 @@ def long_context(model_dir: Path, dtype: str, w: FeatureWorkloads, out: Path, lo
         idle = stack.memory()
         capacity_tokens = _counter(stack.metrics_text(), "tgi_batch_max_total_tokens")
 
-        async def one() -> tuple[float, list[float]]:
+        async def one() -> Stream:
             async with client_session() as session:
                 body = {"inputs": prompt.text, "parameters": {"max_new_tokens": w.long_context_new}}
                 return await sse_arrivals(session, f"{stack.url}/generate_stream", body)
 
-        sent, arrivals = asyncio.run(one())
+        sent, arrivals, _ = asyncio.run(one())
         peak = stack.memory()
     finally:
         stack.close()

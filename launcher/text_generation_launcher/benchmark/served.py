@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .stats import latency_summary, median
 from .workloads import Prompt, PromptSet, Workloads
@@ -40,11 +41,18 @@ def client_session():
     )
 
 
-async def sse_arrivals(session, url: str, body: dict) -> tuple[float, list[float]]:
-    """POST `body` and read the event stream: (send time, arrival time of every event carrying a token — a TGI
-    event's `token` or an OpenAI chunk's `choices`)."""
+class Stream(NamedTuple):
+    sent: float  # time.perf_counter() at the request's send
+    arrivals: list[float]  # arrival time of every event that carried a token
+    usage: dict | None  # the last `usage` an OpenAI stream sent (with stream_options.include_usage)
+
+
+async def sse_arrivals(session, url: str, body: dict) -> Stream:
+    """POST `body` and read the event stream: the arrival of every event carrying a token (a TGI event's
+    `token` or an OpenAI chunk's `choices`) and the last usage reported."""
     sent = time.perf_counter()
     arrivals: list[float] = []
+    usage = None
     async with session.post(url, json=body) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
@@ -57,7 +65,8 @@ async def sse_arrivals(session, url: str, body: dict) -> tuple[float, list[float
                 raise RuntimeError(f"stream error: {event['error']}")
             if event.get("token") is not None or event.get("choices"):
                 arrivals.append(now)
-    return sent, arrivals
+            usage = event.get("usage") or usage
+    return Stream(sent, arrivals, usage)
 
 
 def _launcher_argv() -> list[str]:
@@ -67,15 +76,57 @@ def _launcher_argv() -> list[str]:
     return [sys.executable, "-c", "from text_generation_launcher.cli import app; app()"]
 
 
-class ServedStack:
-    name = "ours (served)"
+class ServerProcess:
+    """A server started in a process group of its own, logging to a file; `close` stops the whole group."""
+
+    name = "server"
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+
+    def wait_ready(self, is_ready, timeout: float) -> None:
+        """Poll `is_ready()` until it is true; raise with the log's tail if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if is_ready():
+                return
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # what the group's leader left behind (a peer's engine process, say)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self._log.close()
+
+
+class ServedStack(ServerProcess):
+    name = "text-generation-launcher"
 
     def __init__(self, model_dir: Path, dtype: str, log_path: Path, *, max_input_tokens: int, max_total_tokens: int,
                  max_concurrent_requests: int = 128, extra_args=(), startup_timeout: float = 900):
         self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         argv = [
             *_launcher_argv(), "--model-id", str(model_dir), "--dtype", dtype, "--port", str(self.port),
             "--grpc-port", "0", "--hostname", "127.0.0.1", "--shard-uds-path", str(self.socket_dir / "shard"),
@@ -83,23 +134,10 @@ class ServedStack:
             "--max-total-tokens", str(max_total_tokens), "--max-concurrent-requests", str(max_concurrent_requests),
             *extra_args,
         ]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "w")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(argv, log_path)
         self.info = {"engine": "ours: text-generation-launcher, HTTP /generate_stream", "dtype": dtype,
                      "argv": argv[1:]}
-        self._wait_ready(startup_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"text-generation-launcher exited with {self.process.returncode}:\n{self.log_tail()}")
-            if "ready: HTTP" in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError(f"text-generation-launcher not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        self.wait_ready(lambda: "ready: HTTP" in self.log_path.read_text(errors="replace"), startup_timeout)
 
     @classmethod
     def for_workloads(cls, model_dir: Path, dtype: str, workloads: Workloads, log_path: Path) -> ServedStack:
@@ -134,18 +172,8 @@ class ServedStack:
                 found[f"shard-{sum(name.startswith('shard') for name in found)}"] = int(entry.name)
         return found
 
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
-
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
+        super().close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- client
@@ -153,7 +181,7 @@ class ServedStack:
     async def _stream(self, session, prompt: Prompt) -> dict:
         body = {"inputs": prompt.text, "parameters": {"max_new_tokens": prompt.max_new_tokens, "details": False,
                                                        "decoder_input_details": False}}
-        sent, arrivals = await sse_arrivals(session, f"{self.url}/generate_stream", body)
+        sent, arrivals, _ = await sse_arrivals(session, f"{self.url}/generate_stream", body)
         return {"sent": sent, "arrivals": arrivals, "asked": prompt.max_new_tokens}
 
     async def _closed_loop(self, prompts: list[Prompt], concurrency: int) -> tuple[float, float, list[dict]]:

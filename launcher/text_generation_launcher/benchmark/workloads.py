@@ -45,16 +45,22 @@ class Workloads:
     step_streams: int = 32  # streams of the "cost of the layers" decode step
     step_prompt: int = 128
     step_new: int = 64
+    # the wave against the peers: every stream of a level sent at once, one prompt size, one output size
+    wave_prompt: int = 128
+    wave_new: int = 128
+    wave_concurrency: tuple[int, ...] = (1, 8, 32)
 
     @property
     def max_total_tokens(self) -> int:
         return max(self.decode_prompt + self.decode_new, self.prefill_prompt + 1,
-                   self.mixed_prompt[1] + self.mixed_output[1], self.step_prompt + self.step_new) + 8
+                   self.mixed_prompt[1] + self.mixed_output[1], self.step_prompt + self.step_new,
+                   self.wave_prompt + self.wave_new) + 8
 
 
 SMOKE_WORKLOADS = Workloads(
     decode_prompt=16, decode_new=8, prefill_prompt=32, prefill_repeats=1, mixed_prompt=(8, 24), mixed_output=(4, 10),
-    concurrency=(1, 2), requests=3, step_streams=2, step_prompt=8, step_new=8,
+    concurrency=(1, 2), requests=3, step_streams=2, step_prompt=8, step_new=8, wave_prompt=8, wave_new=4,
+    wave_concurrency=(1, 2),
 )
 
 
@@ -71,6 +77,8 @@ class PromptSet:
     prefill: Prompt
     mixed: list[Prompt]
     step: list[Prompt]
+    waves: dict[int, list[Prompt]]  # concurrency -> its prompts (no prompt shared between waves)
+    wave_warmup: list[Prompt]
     meta: dict = field(default_factory=dict)
 
 
@@ -186,4 +194,8 @@ def make_prompts(model_dir: Path, workloads: Workloads, seed: int) -> PromptSet:
         maker.make(rng, rng.randint(*w.mixed_prompt), rng.randint(*w.mixed_output)) for _ in range(w.requests)
     ]
     step = [maker.make(rng, w.step_prompt, w.step_new) for _ in range(w.step_streams)]
-    return PromptSet(decode=decode, prefill=prefill, mixed=mixed, step=step, meta={"seed": seed, **asdict(w)})
+    # drawn after the others, so that those stay what earlier commits drew from the same seed
+    waves = {c: [maker.make(rng, w.wave_prompt, w.wave_new) for _ in range(c)] for c in w.wave_concurrency}
+    warmup = [maker.make(rng, w.wave_prompt, 4) for _ in range(min(4, max(w.wave_concurrency)))]
+    return PromptSet(decode=decode, prefill=prefill, mixed=mixed, step=step, waves=waves, wave_warmup=warmup,
+                     meta={"seed": seed, **asdict(w)})
