@@ -33,6 +33,7 @@ COMPARED = (
 
 def run_commit(rev: str, benchmark_args: list[str], out: Path, log) -> dict:
     """results.json of commit `rev`'s benchmark run with `benchmark_args` (written under `out`)."""
+    out = out.resolve()  # that benchmark runs in the worktree
     sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
                          capture_output=True, text=True, check=True).stdout.strip()
     worktree = Path(tempfile.mkdtemp(prefix="tgi-bench-commit-"))
