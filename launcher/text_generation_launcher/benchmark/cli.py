@@ -216,22 +216,28 @@ def run_transformers(results: dict, run: Run, llama_dir: Path, prompts) -> None:
     base.close()
 
 
+def _measure_core(results: dict, run: Run, who: str, runner, prompts) -> None:
+    """Batch-1 decode, prefill and the many-stream decode step of one of ours (`Engine` or `ServedStack`)."""
+    w, workloads = results["workloads"], run.workloads
+    results["engines"][who] = runner.info
+    runner.warmup(prompts, workloads)
+    w["decode_b1"][who] = runner.decode(prompts.decode, run.decode_repeats)
+    _log(f"  decode b1: {w['decode_b1'][who]['decode_tok_s']:.1f} tok/s")
+    w["prefill"][who] = runner.prefill(prompts.prefill, run.prefill_repeats)
+    w["decode_step"][who] = runner.decode_step(prompts.step)
+    step_ms = w["decode_step"][who]["step_ms"]  # served: None when no stream decoded while all had joined
+    _log(f"  decode step x{workloads.step_streams}: " + ("-" if step_ms is None else f"{step_ms:.2f} ms"))
+
+
 def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool) -> None:
     from .engine import Engine
 
-    w, workloads = results["workloads"], run.workloads
     _log(f"ours in-process: {run.dtype}, {run.threads} threads")
-    engine = Engine(model_dir, run.dtype, run.threads, workloads)
-    results["engines"]["ours_engine"] = engine.info
-    engine.warmup(prompts, workloads)
-    w["decode_b1"]["ours_engine"] = engine.decode(prompts.decode, run.decode_repeats)
-    _log(f"  decode b1: {w['decode_b1']['ours_engine']['decode_tok_s']:.1f} tok/s")
-    w["prefill"]["ours_engine"] = engine.prefill(prompts.prefill, run.prefill_repeats)
-    w["decode_step"]["ours_engine"] = engine.decode_step(prompts.step)
-    _log(f"  decode step x{workloads.step_streams}: {w['decode_step']['ours_engine']['step_ms']:.2f} ms")
+    engine = Engine(model_dir, run.dtype, run.threads, run.workloads)
+    _measure_core(results, run, "ours_engine", engine, prompts)
     if profile:
         engine.decode_step([prompts.decode], profile_dir=run.out / "profile", label="b1")
-        engine.decode_step(prompts.step, profile_dir=run.out / "profile", label=f"b{workloads.step_streams}")
+        engine.decode_step(prompts.step, profile_dir=run.out / "profile", label=f"b{run.workloads.step_streams}")
         _log(f"  profiles in {run.out / 'profile'}")
     engine.close()
 
@@ -243,14 +249,7 @@ def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
     _log("ours served: starting text-generation-launcher")
     stack = ServedStack.for_workloads(model_dir, run.dtype, workloads, run.out / "launcher.log")
     try:
-        results["engines"]["ours_served"] = stack.info
-        stack.warmup(prompts, workloads)
-        w["decode_b1"]["ours_served"] = stack.decode(prompts.decode, run.decode_repeats)
-        _log(f"  decode b1: {w['decode_b1']['ours_served']['decode_tok_s']:.1f} tok/s")
-        w["prefill"]["ours_served"] = stack.prefill(prompts.prefill, run.prefill_repeats)
-        w["decode_step"]["ours_served"] = stack.decode_step(prompts.step)
-        step_ms = w["decode_step"]["ours_served"]["step_ms"]  # None when no stream decoded while all had joined
-        _log(f"  decode step x{workloads.step_streams}: " + ("-" if step_ms is None else f"{step_ms:.2f} ms"))
+        _measure_core(results, run, "ours_served", stack, prompts)
         for c in workloads.concurrency:
             w["mixed"][str(c)]["ours_served"] = stack.mixed(_mixed_prompts(prompts, workloads, c), c)
             _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
