@@ -189,6 +189,8 @@ def run_wave(server_url: str, prompts: list[Prompt]) -> dict:
         count = usage.get("completion_tokens", len(stream.arrivals))
         if count != prompt.max_new_tokens:
             raise RuntimeError(f"{server_url}: a stream generated {count} of {prompt.max_new_tokens} tokens")
+        if usage.get("prompt_tokens", len(prompt.ids)) != len(prompt.ids):  # its tokenizer would change the workload
+            raise RuntimeError(f"{server_url}: counted {usage['prompt_tokens']} prompt tokens, not {len(prompt.ids)}")
         tokens.append(count)
         prompt_tokens.append(usage.get("prompt_tokens"))
         ttfts.append(stream.arrivals[0] - stream.sent)
