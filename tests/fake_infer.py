@@ -3,8 +3,8 @@
 It keeps `Infer`'s contract: `stream(request)` refuses with OverloadedError above `max_concurrent` before any
 iteration, then yields StreamTokens whose last one carries the StreamEnd; an error is raised from the iterator;
 the end, an error or closing the iterator releases the slot, and closing it before the end counts as a
-cancellation. Text follows the router's rule (`TextStream`: special tokens carry no text, the final text is the
-streamed texts joined), and a request ends as the shard and the scheduler end it: max_new_tokens (`length`)
+cancellation. Text follows the router's rule (`TextStream`: special tokens carry no text unless the request
+shows them, the final text is the streamed texts joined), and a request ends as the shard and the scheduler end it: max_new_tokens (`length`)
 first, then an EOS id or one of its `stop_token_ids` (`eos_token`, unless ignore_eos_token), then a stop
 sequence in its text. Subclasses choose the tokens (`token_ids`) and what comes with them (`details`).
 """
@@ -36,7 +36,7 @@ def fake_state(infer: FakeInfer, limits: RouterLimits, model_id: str = "tiny") -
         world_size=1, vocab_size=1000, max_position_embeddings=512, eos_token_ids=tuple(infer.eos_ids), num_blocks=64,
     )
     return RouterState(
-        infer=infer, validation=Validation(infer.tokenizer, limits), tokenizer=infer.tokenizer, limits=limits,  # type: ignore[arg-type]
+        infer=infer, validation=Validation(infer.tokenizer, limits, tuple(infer.eos_ids)), tokenizer=infer.tokenizer, limits=limits,  # type: ignore[arg-type]
         shard=shard, model_id=model_id,
     )
 
@@ -78,22 +78,22 @@ class FakeInfer:
     generate = Infer.generate  # the real one: it only drives `self.stream`
 
     async def _run(self, request: GenerationRequest):
-        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences)
+        text = TextStream(self.tokenizer, request.input_ids, request.stop_sequences, request.shown_special_ids)
         sampled = request.parameters.do_sample or request.parameters.temperature != 1.0
         for i, token_id in enumerate(self.token_ids(request)):
             await asyncio.sleep(self.delay)
             if self.fail_at == i:
                 raise GenerationError("the shard failed")
-            piece = text.push(token_id)
             generated = i + 1
             if generated >= request.max_new_tokens:
                 reason = "length"
             elif not request.ignore_eos_token and (token_id in self.eos_ids or token_id in request.stop_token_ids):
                 reason = "eos_token"
-            elif text.stopped:
-                reason = "stop_sequence"
             else:
                 reason = None
+            piece = text.push(token_id, ends_by_eos=reason == "eos_token")
+            if reason is None and text.stopped:
+                reason = "stop_sequence"
             end = None
             if reason is not None:
                 piece += text.flush()

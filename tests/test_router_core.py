@@ -268,7 +268,7 @@ def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_so
         master_shard_uds_path=str(shard_socket), max_input_tokens=64, max_total_tokens=128,
         max_batch_prefill_tokens=None, max_batch_total_tokens=None, max_concurrent_requests=8, max_best_of=2,
         max_stop_sequences=4, max_top_n_tokens=5, prefix_caching=True, waiting_served_ratio=0.3,
-        max_waiting_tokens=20, max_client_batch_size=4,
+        max_waiting_tokens=20, max_client_batch_size=4, disable_grammar_support=False,
     )
 
     async def main():

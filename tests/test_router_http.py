@@ -310,7 +310,11 @@ INVALID = [
     ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed`"),
     ({"truncate": 0}, "`truncate`"),
     ({"truncate": 65}, "`truncate`"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+    ({"grammar": {"type": "regex", "value": "a(("}}, "`grammar` (regex) is not valid: "),
+    ({"grammar": {"type": "json", "value": {"type": "foo"}}}, "`grammar` (json) is not valid: "),
+    ({"grammar": {"type": "json", "value": "{not json"}}, "not valid JSON"),
+    ({"grammar": {"type": "xml", "value": "<a/>"}}, "`grammar` type must be"),
+    ({"grammar": "a+"}, '`grammar` must be {"type": ..., "value": ...}'),
     ({"seed": -1}, "`seed`"),
 ]
 

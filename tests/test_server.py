@@ -439,7 +439,7 @@ def test_info_health_and_service_discovery(shard, warmup, tiny_internlm2_dir):
     assert (info.block_size, info.world_size, info.vocab_size) == (BLOCK_SIZE, 1, VOCAB)
     assert info.max_position_embeddings == 512
     assert sorted(info.eos_token_ids) == [2, 998]
-    assert set(info.features) == {"top_n_tokens", "prefill_logprobs", "chunked_prefill"}
+    assert set(info.features) == {"top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar"}
     assert info.dynamic_rope is False  # the tiny checkpoint has no rope_scaling
     assert info.kernels == "reference"
     assert shard.stub.Health(pb.HealthRequest()) == pb.HealthResponse()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 REPLACEMENT_CHARACTER = "\ufffd"
+SENTENCEPIECE_SPACE = "\u2581"  # "▁": sentencepiece's spelling of a space inside a piece
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,16 @@ class _SentencePieceBackend:
         # piece_to_id answers the unk id for unknown pieces; only a round trip proves the piece exists.
         token_id = self.processor.piece_to_id(piece)
         return token_id if self.processor.id_to_piece(token_id) == piece else None
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """What the piece adds to a text: its bytes with "▁" as a space, a byte piece's one byte, and nothing
+        for pieces that never reach a text (control, unknown and unused pieces)."""
+        processor = self.processor
+        if processor.is_byte(token_id):
+            return bytes([int(processor.id_to_piece(token_id)[3:5], 16)])  # "<0x0A>"
+        if processor.is_control(token_id) or processor.is_unknown(token_id) or processor.is_unused(token_id):
+            return b""
+        return processor.id_to_piece(token_id).replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
 
     def control_tokens(self) -> list[AddedToken]:
         """unk/bos/eos as sentencepiece defines them (ids < 0 mean absent)."""
@@ -138,6 +149,10 @@ class _TokenizersBackend:
                 f"tokenizer_config.json gives {token.content!r} id {token.id}, "
                 f"but tokenizer.json maps it to {known_id}"
             )
+
+    def serialized(self) -> str:
+        """tokenizer.json as it is now, with the added tokens registered from tokenizer_config.json."""
+        return self.tokenizer.to_str()
 
     def probe_post_processor(self) -> list[int]:
         """Ids the post-processor adds around an empty text (e.g. [bos] for Llama-style tokenizer.json)."""
@@ -370,6 +385,31 @@ class Tokenizer:
             raise ValueError(
                 f"token id {token_id} is outside the tokenizer's vocabulary of {self._own_size} ids"
             )
+
+    # -------------------------------------------------------------------------- for grammar engines
+
+    def tokenizers_json(self) -> str | None:
+        """The whole tokenizer as tokenizer.json (added tokens included) when the `tokenizers` library backs it."""
+        return self._backend.serialized() if isinstance(self._backend, _TokenizersBackend) else None
+
+    def token_bytes(self) -> list[bytes]:
+        """For a sentencepiece tokenizer: per id, the bytes the token adds to a text. A special token is its
+        content after a 0xFF byte (a byte no UTF-8 text holds, so no text can spell it); ids the model has
+        beyond the tokenizer's own, and pieces that never reach a text, are b""."""
+        if not isinstance(self._backend, _SentencePieceBackend):
+            raise ValueError("token_bytes needs a sentencepiece tokenizer; use tokenizers_json() for tokenizer.json")
+        pieces = []
+        for token_id in range(self.vocab_size):
+            added = self._added_by_id.get(token_id)
+            if token_id in self.special_token_ids:
+                pieces.append(b"\xff" + self.id_to_token(token_id).encode("utf-8"))
+            elif added is not None:
+                pieces.append(added.content.encode("utf-8"))
+            elif token_id < self._backend.size:
+                pieces.append(self._backend.piece_bytes(token_id))
+            else:
+                pieces.append(b"")
+        return pieces
 
     # ------------------------------------------------------------------------------------ encoding
 

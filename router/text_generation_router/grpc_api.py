@@ -17,7 +17,10 @@ How TGIS's parameters become ours (TGIS router semantics, our TGI-style `Validat
   token's rank is exact when it falls within the --max-top-n-tokens best, otherwise 0 ("unknown"); prompt
   tokens get no ranks or top tokens.
 * truncate_input_tokens keeps the last N prompt tokens (only when the prompt is longer).
-* adapters / prompt prefixes, length_penalty and guided decoding are not supported: INVALID_ARGUMENT.
+* guided decoding constrains the output token by token: `format` JSON to any JSON object, `json_schema` to
+  JSON valid under the schema, `regex` to a whole match, `choice` to one of the strings, `grammar` to a Lark
+  (or llama.cpp GBNF) grammar; one that does not compile is INVALID_ARGUMENT naming the problem.
+* adapters / prompt prefixes and length_penalty are not supported: INVALID_ARGUMENT.
 
 Errors: validation -> INVALID_ARGUMENT (the message), overloaded -> RESOURCE_EXHAUSTED, a failed generation ->
 INTERNAL (TGIS sends UNKNOWN with the error text), anything else -> INTERNAL. A client that cancels an RPC
@@ -36,6 +39,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
+from text_generation_common.grammar import (
+    grammar_from_choices,
+    grammar_from_json_schema,
+    grammar_from_lark,
+    grammar_from_regex,
+)
 from text_generation_common.pb import generation_pb2 as pb
 from text_generation_common.pb import generation_pb2_grpc as pb_grpc
 
@@ -104,9 +113,6 @@ def _sampling_fields(params: Any) -> dict:
     decoding = params.decoding
     if decoding.HasField("length_penalty"):
         raise invalid("length_penalty is not supported")
-    guided = decoding.WhichOneof("guided")
-    if guided is not None and not (guided == "format" and decoding.format == pb.DecodingParameters.TEXT):
-        raise invalid(f"guided decoding ({guided}) is not supported")
     if decoding.repetition_penalty < 0:
         raise invalid("repetition_penalty must be > 0.0 (0 means no penalty)")
     if decoding.repetition_penalty != 0:
@@ -198,9 +204,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # stream=False even for GenerateStream: its prompt details go out in the first message, so prompt
         # logprobs (which TGI's HTTP streams refuse) are fine here.
         request = validation.validate(text, parameters, add_special_tokens=True, stream=False)
-        if request.top_n_tokens != options.internal_top_n:
-            request = dataclasses.replace(request, top_n_tokens=options.internal_top_n)
+        request = dataclasses.replace(
+            request, top_n_tokens=options.internal_top_n, grammar=self._guided_grammar(params.decoding)
+        )
         return _Plan(text=text, request=request, max_is_token_limit=max_new_tokens < requested)
+
+    def _guided_grammar(self, decoding: Any) -> str:
+        """The grammar of the `guided` oneof ("" for none or format TEXT)."""
+        guided = decoding.WhichOneof("guided")
+        if guided is None or (guided == "format" and decoding.format == pb.DecodingParameters.TEXT):
+            return ""
+        build, value = {
+            "format": (grammar_from_json_schema, {"type": "object"}),
+            "json_schema": (grammar_from_json_schema, decoding.json_schema),
+            "regex": (grammar_from_regex, decoding.regex),
+            "choice": (grammar_from_choices, list(decoding.choice.choices)),
+            "grammar": (grammar_from_lark, decoding.grammar),
+        }[guided]
+        return self.state.validation.checked_grammar(build, value, what=f"guided decoding ({guided})")
 
     # ------------------------------------------------------------------------------------- responses
 

@@ -158,6 +158,7 @@ def _scheduled_pb(chunk: Chunk) -> pb.ScheduledRequest:
                 ),
                 prefill_logprobs=seq.wants_prompt_logprobs,
                 top_n_tokens=r.top_n_tokens,
+                grammar=r.grammar,
             )
         )
     return scheduled
@@ -213,7 +214,7 @@ class Scheduler:
         seq = Sequence(
             id=next(self._ids),
             request=request,
-            text=TextStream(self.tokenizer, request.input_ids, request.stop_sequences),
+            text=TextStream(self.tokenizer, request.input_ids, request.stop_sequences, request.shown_special_ids),
             queued_at=time.monotonic(),
             token_ids=list(request.input_ids),
         )
@@ -463,11 +464,11 @@ class Scheduler:
         token_id = generation.token_id
         seq.token_ids.append(token_id)
         assert seq.generated <= seq.request.max_new_tokens, "the shard stops at max_new_tokens"
-        piece = seq.text.push(token_id)
         reason = None
         if generation.HasField("finish_reason"):
             reason = SHARD_FINISH_REASONS[generation.finish_reason]
-        elif seq.text.stopped:
+        piece = seq.text.push(token_id, ends_by_eos=reason == "eos_token")
+        if reason is None and seq.text.stopped:
             reason = "stop_sequence"
         end = None
         if reason is not None:

@@ -51,6 +51,8 @@ class GenerationRequest:
     ignore_eos_token: bool = False
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    grammar: str = ""  # constrained decoding: an llguidance grammar, checked to compile ("" for none)
+    shown_special_ids: frozenset[int] = frozenset()  # special tokens whose text the output keeps (else "")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Token:
 class StreamEnd:
     """How a request ended; carried by its last StreamToken."""
 
-    generated_text: str  # every streamed token's text joined (special tokens carry none)
+    generated_text: str  # every streamed token's text joined
     finish_reason: FinishReason
     generated_tokens: int
     seed: int | None  # the seed used, for sampled requests only
@@ -78,7 +80,7 @@ class StreamEnd:
 class StreamToken:
     """One generated token, as streamed."""
 
-    token: Token  # text: what the token adds to the generated text ("" for special tokens)
+    token: Token  # text: what the token adds to the generated text ("" for special tokens not shown)
     top_tokens: tuple[Token, ...] = ()  # the top_n_tokens best alternatives, best first (each decoded alone)
     prefill: tuple[Token, ...] | None = None  # the prompt's tokens, with the first generated token only, if asked
     end: StreamEnd | None = None  # set on the last token of the request
@@ -125,6 +127,7 @@ class RouterLimits:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     max_client_batch_size: int = 4
+    grammar_support: bool = True  # off with --disable-grammar-support: grammars, response_format and forced tools are refused
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from text_generation_common.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    grammar_from_json_schema,
+    grammar_from_regex,
+)
 from text_generation_common.tokenizer import Tokenizer
 
 from . import metrics
@@ -74,9 +80,13 @@ class GenerateParameters(BaseModel):
 class Validation:
     """Turns (inputs, parameters) into a `GenerationRequest`, with TGI's checks and messages."""
 
-    def __init__(self, tokenizer: Tokenizer, limits: RouterLimits):
+    def __init__(self, tokenizer: Tokenizer, limits: RouterLimits, eos_token_ids: tuple[int, ...] = ()):
+        """eos_token_ids: the shards' EOS ids (a complete grammar allows them); default: the tokenizer's EOS."""
         self.tokenizer = tokenizer
         self.limits = limits
+        if not eos_token_ids and tokenizer.eos_token_id is not None:
+            eos_token_ids = (tokenizer.eos_token_id,)
+        self.grammars = GrammarCompiler(tokenizer, eos_token_ids)
 
     # ----------------------------------------------------------------------------------- pieces
 
@@ -99,6 +109,36 @@ class Validation:
         if value <= 0 or value > self.limits.max_best_of:
             raise invalid(f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {value}")
         return value
+
+    def checked_grammar(self, build: Any, *args: Any, what: str = "grammar", fail: Any = invalid) -> str:
+        """The grammar `build(*args)` makes, checked to compile against the model's vocabulary; otherwise (or
+        when grammar support is off) `fail(message)` is raised: a 422 naming `what` and the problem."""
+        if not self.limits.grammar_support:
+            raise fail(f"{what} needs grammar support, which is off (--disable-grammar-support)")
+        try:
+            grammar = build(*args)
+            self.grammars.check(grammar)
+        except GrammarError as error:
+            raise fail(f"{what} is not valid: {error}") from None
+        return grammar
+
+    def tgi_grammar(self, grammar: Any) -> str:
+        """TGI's `parameters.grammar`: {"type": "json" (or "json_object"), "value": a JSON schema or its text},
+        {"type": "json_schema", "value": {"schema": ...}} or {"type": "regex", "value": "..."}."""
+        if not isinstance(grammar, dict) or set(grammar) != {"type", "value"}:
+            raise invalid(f'`grammar` must be {{"type": ..., "value": ...}}. Given: {grammar!r:.200}')
+        kind, value = grammar["type"], grammar["value"]
+        if kind in ("json", "json_object"):
+            return self.checked_grammar(grammar_from_json_schema, value, what="`grammar` (json)")
+        if kind == "json_schema":
+            if not isinstance(value, dict) or "schema" not in value:
+                raise invalid('`grammar` of type "json_schema" needs a value {"schema": ...}')
+            return self.checked_grammar(grammar_from_json_schema, value["schema"], what="`grammar` (json_schema)")
+        if kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise invalid("`grammar` of type \"regex\" needs a non-empty regular expression string")
+            return self.checked_grammar(grammar_from_regex, value, what="`grammar` (regex)")
+        raise invalid(f'`grammar` type must be "json", "json_object", "json_schema" or "regex". Given: {kind!r}')
 
     # ----------------------------------------------------------------------------------- main
 
@@ -147,6 +187,7 @@ class Validation:
             stop_sequences=tuple(p.stop),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=p.decoder_input_details,
+            grammar=self.tgi_grammar(p.grammar) if p.grammar is not None else "",
         )
         metrics.request_validation_duration.observe(time.perf_counter() - start)
         metrics.request_input_length.observe(input_length)
@@ -168,8 +209,6 @@ class Validation:
                 raise invalid("`seed` must not be set when `best_of` > 1")
         if stream and p.decoder_input_details:
             raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
-        if p.grammar is not None:
-            raise invalid("grammar is not supported")
         if p.watermark:
             raise invalid("`watermark` is not supported: it must be false")
         if p.adapter_id is not None:

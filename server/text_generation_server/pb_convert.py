@@ -56,6 +56,7 @@ def new_request_from_pb(pb: generate_pb2.NewRequest) -> NewRequest:
         stopping=stopping_from_pb(pb.stopping_parameters),
         prefill_logprobs=pb.prefill_logprobs,
         top_n_tokens=pb.top_n_tokens,
+        grammar=pb.grammar,
     )
 
 

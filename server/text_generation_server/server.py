@@ -30,7 +30,7 @@ from text_generation_server import pb_convert
 from text_generation_server.models.flash_causal_lm import FlashCausalLM
 from text_generation_common.pb import generate_pb2, generate_pb2_grpc
 
-FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill")
+FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
 
 

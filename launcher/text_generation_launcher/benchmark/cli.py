@@ -20,12 +20,22 @@ import time
 from pathlib import Path
 
 import typer
+from text_generation_common.grammar import grammar_from_json_schema
 
 from . import compare, report
 from . import peers as peers_mod
 from .features import SMOKE_FEATURES, FeatureWorkloads
 from .peers import PEERS, PeerPaths, parse_baselines
-from .workloads import PRESETS, REPO_ROOT, SMOKE_WORKLOADS, Workloads, cpu_count, make_prompts, prepare_models
+from .workloads import (
+    PRESETS,
+    REPO_ROOT,
+    SMOKE_WORKLOADS,
+    STEP_JSON_SCHEMA,
+    Workloads,
+    cpu_count,
+    make_prompts,
+    prepare_models,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
@@ -235,6 +245,10 @@ def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool)
     _log(f"ours in-process: {run.dtype}, {run.threads} threads")
     engine = Engine(model_dir, run.dtype, run.threads, run.workloads)
     _measure_core(results, run, "ours_engine", engine, prompts)
+    step = results["workloads"]["decode_step"]
+    step["ours_engine_json_schema"] = engine.decode_step(prompts.step, grammar=grammar_from_json_schema(STEP_JSON_SCHEMA))
+    _log(f"  decode step x{run.workloads.step_streams}, every stream JSON-schema constrained: "
+         f"{step['ours_engine_json_schema']['step_ms']:.2f} ms")
     if profile:
         engine.decode_step([prompts.decode], profile_dir=run.out / "profile", label="b1")
         engine.decode_step(prompts.step, profile_dir=run.out / "profile", label=f"b{run.workloads.step_streams}")

@@ -1,7 +1,7 @@
 """Our engine in this process (no router, no gRPC): `get_model` + `LocalRunner` stepping `FlashCausalLM.step`.
 
 Every request is greedy with `ignore_eos_token`, its KV blocks allocated up front for prompt + max_new_tokens,
-and its whole prompt computed in the first step. Each step is timed with `time.perf_counter()`: the first one
+and its whole prompt computed in the first step; a constrained run gives every request the same grammar. Each step is timed with `time.perf_counter()`: the first one
 is the prefill, the others are decode steps.
 """
 
@@ -39,7 +39,9 @@ class Engine:
         self.model = None
         gc.collect()
 
-    def run(self, prompts: list[Prompt], max_steps: int | None = None, on_step=None) -> tuple[float, list[float], int]:
+    def run(
+        self, prompts: list[Prompt], max_steps: int | None = None, on_step=None, grammar: str = ""
+    ) -> tuple[float, list[float], int]:
         """Prefill `prompts` together, then decode until every one finished (or `max_steps` steps).
 
         Returns (start, end time of each step, tokens generated)."""
@@ -49,7 +51,7 @@ class Engine:
         runner = LocalRunner(self.model)
         for p in prompts:
             stopping = StoppingParameters(max_new_tokens=p.max_new_tokens, ignore_eos_token=True)
-            runner.add(NewRequest(token_ids=tuple(p.ids), prompt_length=len(p.ids), stopping=stopping))
+            runner.add(NewRequest(token_ids=tuple(p.ids), prompt_length=len(p.ids), stopping=stopping, grammar=grammar))
         times, tokens, calls = [], 0, 0
         start = time.perf_counter()
         while runner.running and (max_steps is None or calls < max_steps):
@@ -88,8 +90,11 @@ class Engine:
         return {"prefill_tok_s": len(prompt.ids) / seconds, "ttft_ms": seconds * 1000, "prompt_tokens": len(prompt.ids),
                 "repeats": repeats}
 
-    def decode_step(self, prompts: list[Prompt], profile_dir: Path | None = None, label: str = "") -> dict:
-        """The decode step of `len(prompts)` streams that all joined (after their prefill): median time per call."""
+    def decode_step(
+        self, prompts: list[Prompt], profile_dir: Path | None = None, label: str = "", grammar: str = ""
+    ) -> dict:
+        """The decode step of `len(prompts)` streams that all joined (after their prefill): median time per call.
+        grammar: every stream's constraint ("" for none)."""
         profiler = None
         if profile_dir is not None:
             from torch.profiler import ProfilerActivity, profile
@@ -100,7 +105,7 @@ class Engine:
             if profiler is not None and call == 2:
                 profiler.__enter__()
 
-        start, times, _ = self.run(prompts, on_step=on_step)
+        start, times, _ = self.run(prompts, on_step=on_step, grammar=grammar)
         if profiler is not None:
             profiler.__exit__(None, None, None)
             profile_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,10 @@ def add_ratios(results: dict) -> dict:
     decode.setdefault("ratios", {})["ours_engine_vs_llama_cpp_engine"] = _ratio(
         decode.get("ours_engine", {}).get("decode_tok_s"), decode.get("llama_cpp_engine", {}).get("decode_tok_s"))
     step = w.get("decode_step", {})
+    constrained_ms = step.get("ours_engine_json_schema", {}).get("step_ms")
     engine_ms = step.get("ours_engine", {}).get("step_ms")
+    if constrained_ms and engine_ms:
+        step["json_schema_cost"] = {"ms": constrained_ms - engine_ms, "ratio": constrained_ms / engine_ms}
     served_ms = step.get("ours_served", {}).get("step_ms")
     if engine_ms and served_ms:
         step["overhead"] = {"ms": served_ms - engine_ms, "fraction": (served_ms - engine_ms) / served_ms}
@@ -137,6 +140,11 @@ def table(results: dict) -> str:
         rows.append((f"decode step, {engine.get('streams', served.get('streams', '?'))} streams", "ms/step",
                      _f(served.get("step_ms"), 2), _f(engine.get("step_ms"), 2), "",
                      f"overhead {_f(over.get('ms'), 2)} ms = {_f(100 * over['fraction'] if over else None)}%"))
+        constrained, cost = s.get("ours_engine_json_schema"), s.get("json_schema_cost")
+        if constrained and cost:
+            rows.append((f"decode step, {constrained['streams']} streams, each JSON-schema constrained", "ms/step", "",
+                         _f(constrained["step_ms"], 2), "",
+                         f"+{_f(cost['ms'], 2)} ms = {_f(cost['ratio'], 3)}x unconstrained"))
     out = _grid(rows)
     breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
     if breakdown:

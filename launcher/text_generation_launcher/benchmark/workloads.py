@@ -57,6 +57,32 @@ class Workloads:
                    self.wave_prompt + self.wave_new) + 8
 
 
+# The constrained decode step: every stream's output must be JSON valid under this schema. Its records never
+# end within step_new tokens, so each step masks by strings, numbers, enums and the structure between them.
+STEP_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "minItems": 100,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "role": {"enum": ["admin", "user", "guest"]},
+                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+                },
+                "required": ["name", "age", "role", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["records"],
+    "additionalProperties": False,
+}
+
+
 SMOKE_WORKLOADS = Workloads(
     decode_prompt=16, decode_new=8, prefill_prompt=32, prefill_repeats=1, mixed_prompt=(8, 24), mixed_output=(4, 10),
     concurrency=(1, 2), requests=3, step_streams=2, step_prompt=8, step_new=8, wave_prompt=8, wave_new=4,

@@ -8,7 +8,12 @@ know is refused too. Where OpenAI's meaning differs from TGI's /generate, these 
   * `n` choices are n requests of one prompt (seeds seed, seed+1, ...), which share the prompt's KV blocks
     through the prefix cache; `best_of` (completions) ranks its candidates by mean token logprob;
   * `top_logprobs` (chat) goes up to 20, `logprobs` (completions) up to 5, OpenAI's limits;
-  * `user` is accepted: it names the end user for OpenAI's abuse monitoring and changes nothing here.
+  * `user` is accepted: it names the end user for OpenAI's abuse monitoring and changes nothing here;
+  * `response_format` `json_object` / `json_schema` constrain the output to JSON (valid under the schema) token
+    by token, on chat and completions; `text` is the default;
+  * `tools` and `tool_choice` (chat) follow InternLM2's tool format (`..tools`); `response_format` and tools
+    that the model may call are mutually exclusive, as in TGI;
+  * `skip_special_tokens` (vLLM's extension, default true): false keeps special tokens' text in the output.
 """
 
 from __future__ import annotations
@@ -18,12 +23,26 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from text_generation_common.grammar import grammar_from_json_schema
+from text_generation_common.tokenizer import Tokenizer
 
 from ..chat import render_chat, turn_end_id
 from ..request_metrics import RequestGroup
+from ..tools import (
+    MARKERS,
+    ToolCallParser,
+    ToolError,
+    forced_function,
+    parse_reply,
+    parse_tool_choice,
+    parse_tools,
+    tool_call_grammar,
+)
 from ..types import GenerationRequest, RouterError, RouterState, StreamEnd, StreamToken, ValidationError
 from ..validation import GenerateParameters, invalid
 from .common import (
@@ -46,11 +65,6 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for completions' logprobs
 
 
-class ToolError(RouterError):
-    status = 422
-    error_type = "tool_error"
-
-
 class PlainValidationError(ValidationError):
     """A 422 with its own error_type and no prefix (TGI's /v1/completions refusals)."""
 
@@ -62,6 +76,20 @@ class PlainValidationError(ValidationError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool = Field(alias="schema")  # `schema` would shadow a BaseModel method
+    strict: bool | None = None  # accepted: the output follows the schema exactly either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatMessage(BaseModel):
@@ -87,7 +115,9 @@ class OpenAIRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-sequence token
+    skip_special_tokens: bool = True  # vLLM's extension: false keeps the text of special tokens in the output
 
 
 class ChatRequest(OpenAIRequest):
@@ -97,7 +127,7 @@ class ChatRequest(OpenAIRequest):
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # false: a forced reply holds one call
 
 
 class CompletionRequest(OpenAIRequest):
@@ -114,6 +144,22 @@ def chat_messages(body: ChatRequest) -> list[dict]:
     if not messages:
         raise invalid("`messages` cannot be empty")
     return messages
+
+
+def chat_prompt(tokenizer: Tokenizer, body: ChatRequest) -> str:
+    """The rendered prompt of a chat, with the tools the model may call (what /chat_tokenize shows)."""
+    tools = parse_tools(body.tools) if body.tools else []
+    offered = tools if parse_tool_choice(body.tool_choice, tools) not in (None, "none") else None
+    messages = chat_messages(body)
+    continue_final = messages[-1].get("role") == "assistant"
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=not continue_final, tools=offered)
+    if continue_final:
+        # continue the assistant's message: cut the rendering right after its content (as TGI)
+        content = str(messages[-1].get("content", ""))
+        cut = prompt.rfind(content)
+        if content and cut >= 0:
+            prompt = prompt[: cut + len(content)]
+    return prompt
 
 
 def _count(name: str, value: int | None, limit: int) -> int:
@@ -152,6 +198,24 @@ def _parameters(body: OpenAIRequest, sample_by_default: bool, **fields: Any) -> 
 
 def _finish(end: StreamEnd) -> str:
     return "stop" if end.finish_reason == "eos_token" else end.finish_reason
+
+
+def _tool_finish(end: StreamEnd, called: bool) -> str:
+    """A reply that made calls and was not cut at max_tokens finishes with "tool_calls"."""
+    return "tool_calls" if called and end.finish_reason != "length" else _finish(end)
+
+
+def _tool_delta(parser: ToolCallParser, text: str, end: StreamEnd | None) -> tuple[dict, str | None]:
+    """A streamed chat's delta for one token's `text` when tools may be called, and its finish_reason: the
+    content the parser lets through, and each call the token completed (whole: name and arguments)."""
+    before = len(parser.calls)
+    content, calls = parser.feed(text)
+    if end is not None:
+        content += parser.finish()
+    delta: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        delta["tool_calls"] = [call.to_openai(before + i) for i, call in enumerate(calls)]
+    return delta, (_tool_finish(end, bool(parser.calls)) if end is not None else None)
 
 
 def _chat_logprobs(tokens: list[StreamToken]) -> dict:
@@ -196,16 +260,37 @@ class OpenAIRoutes:
         self.validation = state.validation
         self.limits = state.limits
         self.chat_turn_end = turn_end_id(state.tokenizer, tuple(state.shard.eos_token_ids))
+        marker_ids = (state.tokenizer.token_to_id(marker) for marker in MARKERS)
+        self.marker_ids = frozenset(i for i in marker_ids if i is not None)  # InternLM2's tool-call markers
 
     def served_model(self, name: str | None) -> str:
         return self.state.model_id if not name or name == "tgi" else name
 
     def with_openai_sampling(self, request: GenerationRequest, body: OpenAIRequest) -> GenerationRequest:
-        """`request` with the body's OpenAI penalties and logit bias, and vLLM's `ignore_eos`."""
+        """`request` with the body's OpenAI penalties and logit bias, vLLM's `ignore_eos`, the special tokens
+        the output shows, and the response format's grammar."""
         request = self.validation.with_openai_sampling(
             request, body.presence_penalty, body.frequency_penalty, body.logit_bias
         )
-        return replace(request, ignore_eos_token=body.ignore_eos)
+        shown = frozenset() if body.skip_special_tokens else self.state.tokenizer.special_token_ids
+        return replace(
+            request, ignore_eos_token=body.ignore_eos, shown_special_ids=shown,
+            grammar=self.response_grammar(body.response_format),
+        )
+
+    def response_grammar(self, response_format: ResponseFormat | None) -> str:
+        """The grammar of `response_format`: "" for text, any JSON object, or JSON valid under the schema."""
+        if response_format is None or response_format.type == "text":
+            return ""
+        if response_format.type == "json_object":
+            schema: Any = {"type": "object"}
+        elif response_format.json_schema is None:
+            raise invalid('`response_format` of type "json_schema" needs `json_schema` {"name", "schema"}')
+        else:
+            schema = response_format.json_schema.json_schema
+        return self.validation.checked_grammar(
+            grammar_from_json_schema, schema, what=f"`response_format` ({response_format.type})"
+        )
 
     async def models(self):
         return {
@@ -217,29 +302,35 @@ class OpenAIRoutes:
 
     # -------------------------------------------------------------------------------- chat
 
-    def chat_requests(self, body: ChatRequest) -> list[GenerationRequest]:
-        """The n validated requests of a chat; each also ends at the chat's end-of-turn token."""
-        if body.tools and body.tool_choice != "none":
-            raise ToolError("Tool error: tools are not supported by this server yet (no grammar support)")
-        if body.tool_choice is not None and not body.tools:
-            raise ToolError("Tool error: `tool_choice` needs `tools`")
-        if body.response_format is not None and body.response_format.get("type") != "text":
-            raise invalid(f"`response_format` {body.response_format.get('type')!r} is not supported yet")
+    def tool_mode(self, body: ChatRequest) -> tuple[str | None, str]:
+        """tool_choice ("auto", "required", "function:<name>"; None when the model may call no tool) and the
+        grammar that forces the calls ("" unless required or named)."""
+        tools = parse_tools(body.tools) if body.tools else []
+        choice = parse_tool_choice(body.tool_choice, tools)
+        if choice in (None, "none"):
+            return None, ""
+        if body.response_format is not None and body.response_format.type != "text":
+            raise ToolError("Grammar and tools are mutually exclusive")
+        if choice == "auto":
+            return choice, ""
+        grammar = self.validation.checked_grammar(
+            tool_call_grammar, tools, forced_function(choice), body.parallel_tool_calls,
+            what=f"tool_choice {choice!r}: the grammar of its calls", fail=ToolError,
+        )
+        return choice, grammar
+
+    def chat_requests(self, body: ChatRequest) -> tuple[list[GenerationRequest], bool]:
+        """The n validated requests of a chat, each also ending at the chat's end-of-turn token, and whether
+        their replies are parsed for tool calls (tools the model may call: InternLM2's markers are then kept
+        in the text for the parser)."""
         _check_common(body)
         n = _count("n", body.n, self.limits.max_client_batch_size)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("`top_logprobs` needs `logprobs` set to true")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise invalid("give `max_tokens` or `max_completion_tokens`, not both")
-        messages = chat_messages(body)
-        continue_final = messages[-1].get("role") == "assistant"
-        prompt = render_chat(self.state.tokenizer, messages, add_generation_prompt=not continue_final)
-        if continue_final:
-            # continue the assistant's message: cut the rendering right after its content (as TGI)
-            content = str(messages[-1].get("content", ""))
-            cut = prompt.rfind(content)
-            if content and cut >= 0:
-                prompt = prompt[: cut + len(content)]
+        choice, tool_grammar = self.tool_mode(body)
+        prompt = chat_prompt(self.state.tokenizer, body)
         params = _parameters(
             body,
             sample_by_default=True,
@@ -250,9 +341,14 @@ class OpenAIRoutes:
             prompt, params, add_special_tokens=False, stream=body.stream, max_top_n_tokens=MAX_TOP_LOGPROBS
         )
         request = self.with_openai_sampling(request, body)
+        if choice is not None:
+            request = replace(
+                request, shown_special_ids=request.shown_special_ids | self.marker_ids,
+                grammar=tool_grammar or request.grammar,
+            )
         if self.chat_turn_end is not None:
             request = replace(request, stop_token_ids=(*request.stop_token_ids, self.chat_turn_end))
-        return self.validation.choices(request, n)
+        return self.validation.choices(request, n), choice is not None
 
     def chat_chunk(
         self, body: ChatRequest, created: int, choices: list[dict], usage: dict | None = None
@@ -270,17 +366,22 @@ class OpenAIRoutes:
     async def chat_events(self, body: ChatRequest, group: RequestGroup) -> AsyncIterator[str]:
         """The chunks of a streamed chat: each choice's tokens as they come, then usage if asked."""
         created = int(time.time())
-        requests = self.chat_requests(body)
+        requests, parse_calls = self.chat_requests(body)
+        parsers = [ToolCallParser() for _ in requests] if parse_calls else None
         stream = merged([token_steps(self.state, r) for r in requests])
         ends: list[StreamEnd] = []
         try:
             async for index, step in stream:
                 item = step.token
+                delta = {"role": "assistant", "content": item.token.text}
+                finish = _finish(step.end) if step.end else None
+                if parsers is not None:
+                    delta, finish = _tool_delta(parsers[index], item.token.text, step.end)
                 choice = {
                     "index": index,
-                    "delta": {"role": "assistant", "content": item.token.text},
+                    "delta": delta,
                     "logprobs": _chat_logprobs([item]) if body.logprobs else None,
-                    "finish_reason": _finish(step.end) if step.end else None,
+                    "finish_reason": finish,
                 }
                 yield sse(self.chat_chunk(body, created, [choice]))
                 if step.end is not None:
@@ -298,7 +399,8 @@ class OpenAIRoutes:
             return SSEResponse(openai_event_stream(self.chat_events(body, group), group))
         group = RequestGroup()
         try:
-            results = await generate_all(self.state, self.chat_requests(body))
+            requests, parse_calls = self.chat_requests(body)
+            results = await generate_all(self.state, requests)
         except Exception as error:  # noqa: BLE001
             error = as_router_error(error)
             group.failed(error)
@@ -306,12 +408,20 @@ class OpenAIRoutes:
         group.succeeded(results[0][1])
         choices = []
         for index, (tokens, end) in enumerate(results):
+            message: dict[str, Any] = {"role": "assistant", "content": end.generated_text}
+            finish = _finish(end)
+            if parse_calls:
+                content, calls = parse_reply(end.generated_text)
+                message["content"] = content if content or not calls else None
+                if calls:
+                    message["tool_calls"] = [call.to_openai() for call in calls]
+                finish = _tool_finish(end, bool(calls))
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": end.generated_text},
+                    "message": message,
                     "logprobs": _chat_logprobs(tokens) if body.logprobs else None,
-                    "finish_reason": _finish(end),
+                    "finish_reason": finish,
                 }
             )
         return {

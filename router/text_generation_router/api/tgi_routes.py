@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from .. import metrics
-from ..chat import encode_chat, render_chat
+from ..chat import encode_chat
 from ..request_metrics import RequestGroup
 from ..types import RouterError, RouterState, StreamEnd, StreamToken, Token
 from ..validation import GenerateParameters
@@ -31,7 +31,7 @@ from .common import (
     token_json,
     token_steps,
 )
-from .openai_routes import ChatRequest, chat_messages
+from .openai_routes import ChatRequest, chat_prompt
 
 TAG = "Text Generation Inference"
 
@@ -227,7 +227,7 @@ class TGIRoutes:
 
     async def chat_tokenize(self, body: ChatRequest):
         try:
-            text = render_chat(self.state.tokenizer, chat_messages(body), add_generation_prompt=True)
+            text = chat_prompt(self.state.tokenizer, body)
         except RouterError as error:
             return error_response(error)
         ids = encode_chat(self.state.tokenizer, text)

@@ -33,7 +33,9 @@ from text_generation_server.models.types import (
 )
 from text_generation_server.ops import AttentionMetadata, KVCache, select_ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
+from text_generation_server.utils.constraint import GrammarConstraint
 from text_generation_server.utils.sampling import TokenSampler, choose_tokens, top_n_tokens
+from text_generation_common.grammar import GrammarCompiler, GrammarError
 from text_generation_common.tokenizer import Tokenizer
 from text_generation_server.utils.weights import Weights, weight_files
 
@@ -98,6 +100,7 @@ class FlashCausalLM:
         weights.check_all_used()
         weights.close()
         self.eos_token_ids = self._eos_token_ids()
+        self.grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids)
         scaling = config.rope_scaling
         self.rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings,
@@ -298,12 +301,22 @@ class FlashCausalLM:
             )
         if new.top_n_tokens < 0:
             raise ValueError(f"request {request_id}: top_n_tokens must be >= 0, got {new.top_n_tokens}")
-        sampler = TokenSampler(new.parameters, ids, vocab, self.device, draws_made=generated)
+        sampler = TokenSampler(
+            new.parameters, ids, vocab, self.device, draws_made=generated,
+            grammar=self._grammar(request_id, new.grammar, ids[new.prompt_length :]) if new.grammar else None,
+        )
         return RequestState(
             id=request_id, token_ids=list(ids), prompt_length=new.prompt_length, num_computed=new.num_cached_tokens,
             block_table=[], sampler=sampler, stopping=new.stopping, prefill_logprobs=new.prefill_logprobs,
             top_n_tokens=new.top_n_tokens,
         )
+
+    def _grammar(self, request_id: int, grammar: str, generated: tuple[int, ...]) -> GrammarConstraint:
+        try:
+            matcher = self.grammars.matcher(grammar)
+        except GrammarError as error:
+            raise ValueError(f"request {request_id}: its grammar does not compile: {error}") from None
+        return GrammarConstraint(matcher, sorted(self.eos_token_ids), generated)
 
     def _check_scheduled(self, scheduled: ScheduledRequest, state: RequestState) -> None:
         rid, n = scheduled.id, scheduled.num_tokens

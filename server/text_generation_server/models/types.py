@@ -54,6 +54,7 @@ class NewRequest:
     stopping: StoppingParameters = StoppingParameters()
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
+    grammar: str = ""  # an llguidance grammar its generated tokens follow; "" for none
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Choosing the next token of every row of a step, each row with its own sampling parameters.
 
 Per row and per step, in TGI's order:
+  -. a constrained row's grammar mask: every id the grammar does not allow next scores -inf (`constraint.py`);
   0. logit bias (OpenAI's `logit_bias`): `scores[id] += bias`;
   1. repetition penalty over every id in the row's history (prompt + generated tokens);
   2. frequency penalty, `scores -= penalty * count(id) / len(history)` (TGI's meaning);
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+
+from text_generation_server.utils.constraint import GrammarConstraint, allowed_tokens
 
 if TYPE_CHECKING:  # only annotations need it; a runtime import would cycle through models/__init__
     from text_generation_server.models.types import SamplingParameters
@@ -90,7 +93,8 @@ def _rows_where(flags: Sequence[bool], device: torch.device) -> torch.Tensor | N
 class TokenSampler:
     """One request's token choice: its parameters, its generator (sampled requests), its token counts
     (penalized requests: counts [V] float32 of every id in the history, and the history's length; with OpenAI's
-    penalties, output_counts [V] of the generated ids) and its logit bias (ids [k] int64, values [k])."""
+    penalties, output_counts [V] of the generated ids), its logit bias (ids [k] int64, values [k]) and its
+    grammar (constrained requests)."""
 
     def __init__(
         self,
@@ -99,13 +103,16 @@ class TokenSampler:
         vocab_size: int,
         device: torch.device,
         draws_made: int = 0,
+        grammar: GrammarConstraint | None = None,
     ) -> None:
         """history: the request's tokens so far; its last `draws_made` ones were generated (after a
-        preemption): a sampled request's generator skips their draws, and they count as generated tokens."""
+        preemption): a sampled request's generator skips their draws, and they count as generated tokens.
+        grammar: the request's constraint, already past those generated tokens."""
         _validate_params(params)
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size!r}")
         self.params = params
+        self.grammar = grammar
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
             self.generator = torch.Generator(device=device)
@@ -132,6 +139,8 @@ class TokenSampler:
     def record(self, token_id: int) -> None:
         """The request's history grew by `token_id`."""
         self.history_length += 1
+        if self.grammar is not None:
+            self.grammar.advance(token_id)
         if self.counts is not None:
             self.counts[token_id] += 1
         if self.output_counts is not None:
@@ -243,6 +252,12 @@ def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Ten
     device = logits.device
     params = [s.params for s in samplers]
     scores = logits.float()
+    constrained = _rows_where([s.grammar is not None for s in samplers], device)
+    if constrained is not None:
+        rows = [samplers[i].grammar for i in constrained.tolist()]
+        allowed = allowed_tokens(rows, scores.shape[-1]).to(device)
+        part = scores.index_select(0, constrained).masked_fill(~allowed, -math.inf)
+        scores = _on_rows(scores, constrained, part)
     biased = [(i, s.bias) for i, s in enumerate(samplers) if s.bias is not None]
     if biased:
         scores = scores.clone()  # logits.float() is logits itself when they are float32
