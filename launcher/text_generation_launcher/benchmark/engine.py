@@ -53,12 +53,14 @@ class Engine:
             stopping = StoppingParameters(max_new_tokens=p.max_new_tokens, ignore_eos_token=True)
             runner.add(NewRequest(token_ids=tuple(p.ids), prompt_length=len(p.ids), stopping=stopping, grammar=grammar))
         times, tokens, calls = [], 0, 0
+        self.forward_s = []  # each step's model forward; the rest of a step is token choice and bookkeeping
         start = time.perf_counter()
         while runner.running and (max_steps is None or calls < max_steps):
             if on_step is not None:
                 on_step(calls)
             tokens += sum(g.token_id is not None for g in runner.step())
             times.append(time.perf_counter())
+            self.forward_s.append(self.model.last_forward_ns / 1e9)
             calls += 1
         if runner.running:  # stopped early: the engine forgets the rest
             self.model.clear()
@@ -112,5 +114,7 @@ class Engine:
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
             (profile_dir / f"engine-decode-{label}.txt").write_text(table)
         steps = [b - a for a, b in zip(times[1:], times[2:])]  # decode steps only, the first one excluded
+        outside_forward = [step - forward for step, forward in zip(steps, self.forward_s[2:])]
         return {"streams": len(prompts), "prefill_ms": (times[0] - start) * 1000, "steps": len(steps),
-                "step_ms": median(steps) * 1000, "step_p90_ms": sorted(steps)[int(0.9 * (len(steps) - 1))] * 1000}
+                "step_ms": median(steps) * 1000, "step_p90_ms": sorted(steps)[int(0.9 * (len(steps) - 1))] * 1000,
+                "outside_forward_ms": median(outside_forward) * 1000}

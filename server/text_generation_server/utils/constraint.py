@@ -2,9 +2,13 @@
 
 Each constrained request holds a `GrammarConstraint` (an llguidance matcher at the request's position in its
 grammar). Before its token is chosen, `allowed_tokens` computes the mask of every constrained row of the step
-at once, in llguidance's own thread pool (Rust, outside the GIL); the sampler sets every other id's score to
--inf, so greedy and sampled rows alike choose an allowed token, and the reported logprobs are those of the
-masked distribution. The matcher then advances on the chosen token.
+(tens of microseconds a row, in Rust); the sampler sets every other id's score to -inf, so greedy and sampled
+rows alike choose an allowed token, and the reported logprobs are those of the masked distribution. The
+matcher then advances on the chosen token.
+
+The masks are computed one row after another on the calling thread. llguidance's parallel executor was
+measured too: on a 2-core machine it was slower for 32 rows, and its worker threads kept spinning into the next
+forward, which then ran up to 15% slower.
 
 Once the grammar is complete the mask allows only the model's EOS ids. A matcher can still fail (llguidance
 refuses a token, or a grammar exhausts its resource limits): the failure is logged and from then on only the
@@ -16,20 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import llguidance
+import numpy as np
 import torch
 from loguru import logger
-
-# bit i of a mask word is id 32·w + i; int32 holds bit 31 as the sign bit
-_BIT_VALUES = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
-_executor: llguidance.LLExecutor | None = None
-
-
-def _shared_executor() -> llguidance.LLExecutor:
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor()
-    return _executor
-
 
 class GrammarConstraint:
     """One request's grammar: `matcher` starts at the grammar's beginning and has consumed `generated`."""
@@ -61,14 +54,15 @@ class GrammarConstraint:
 
 
 def allowed_tokens(constraints: Sequence[GrammarConstraint], vocab_size: int) -> torch.Tensor:
-    """allowed [b, vocab_size] bool: row i holds the ids constraints[i] allows next."""
+    """allowed [b, vocab_size] bool (CPU): row i holds the ids constraints[i] allows next."""
     words = (vocab_size + 31) // 32
-    bitmask = torch.zeros((len(constraints), words), dtype=torch.int32)
-    live = [(c.matcher, i) for i, c in enumerate(constraints) if not c.failed]
-    if live:
-        _shared_executor().unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(constraints))
-    allowed = (bitmask.unsqueeze(-1) & _BIT_VALUES) != 0  # [b, words, 32]
-    allowed = allowed.flatten(1)[:, :vocab_size]
+    bitmask = np.zeros((len(constraints), words), dtype=np.int32)  # id j is bit j % 8 of byte j // 8
+    for i, constraint in enumerate(constraints):
+        if not constraint.failed:
+            constraint.matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, words * 4)
+    # one byte per id; numpy unpacks bits ~20x faster than shifting and masking tensors
+    unpacked = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    allowed = torch.from_numpy(unpacked).view(torch.bool)
     for i, constraint in enumerate(constraints):
         if constraint.failed:
             constraint.note_failure()

@@ -256,7 +256,8 @@ def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Ten
     if constrained is not None:
         rows = [samplers[i].grammar for i in constrained.tolist()]
         allowed = allowed_tokens(rows, scores.shape[-1]).to(device)
-        part = scores.index_select(0, constrained).masked_fill(~allowed, -math.inf)
+        part = scores if len(rows) == len(samplers) else scores.index_select(0, constrained)
+        part = torch.where(allowed, part, -math.inf)  # a new tensor: logits stay as they were
         scores = _on_rows(scores, constrained, part)
     biased = [(i, s.bias) for i, s in enumerate(samplers) if s.bias is not None]
     if biased:
