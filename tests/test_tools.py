@@ -352,3 +352,21 @@ def test_bad_tools_are_422_tool_errors(stack, extra, needle):
     r = httpx.post(f"{stack.http_url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4, **extra})
     assert r.status_code == 422 and r.json()["error_type"] == "tool_error", r.text
     assert needle in r.json()["error"] and r.json()["error"].startswith("Tool error: ")
+
+
+def test_disabled_grammar_support_refuses_constraints_but_not_auto_tools(tokenizer):
+    from fastapi.testclient import TestClient
+
+    infer = ScriptedInfer(tokenizer, (2, tokenizer.token_to_id("<|im_end|>")))
+    limits = RouterLimits(max_input_tokens=1000, max_total_tokens=1400, grammar_support=False)
+    with TestClient(create_app(fake_state(infer, limits))) as http:
+        regex = {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}
+        refused = http.post("/generate", json=regex)
+        assert refused.status_code == 422 and "--disable-grammar-support" in refused.json()["error"]
+        schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+        refused = http.post("/v1/chat/completions", json={"messages": QUESTION, "response_format": schema})
+        assert refused.status_code == 422 and refused.json()["error_type"] == "validation"
+        forced = http.post("/v1/chat/completions", json={"messages": QUESTION, "tools": TOOLS, "tool_choice": "required"})
+        assert forced.status_code == 422 and forced.json()["error_type"] == "tool_error"
+        auto = http.post("/v1/chat/completions", json={"messages": script("Hi" + call_text() + "<|im_end|>"), "tools": TOOLS})
+        assert auto.status_code == 200 and auto.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"

@@ -91,8 +91,6 @@ def parse_tools(tools: list[Any]) -> list[Tool]:
         if any(t.function.name == name for t in parsed):
             raise ToolError(f"two tools are named {name!r}")
         parsed.append(tool)
-    if not parsed:
-        raise ToolError("`tools` is empty")
     return parsed
 
 

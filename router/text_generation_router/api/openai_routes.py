@@ -11,7 +11,7 @@ know is refused too. Where OpenAI's meaning differs from TGI's /generate, these 
   * `user` is accepted: it names the end user for OpenAI's abuse monitoring and changes nothing here;
   * `response_format` `json_object` / `json_schema` constrain the output to JSON (valid under the schema) token
     by token, on chat and completions; `text` is the default;
-  * `tools` and `tool_choice` (chat) follow InternLM2's tool format (`..tools`); `response_format` and tools
+  * `tools` and `tool_choice` (chat) follow InternLM2's tool format (the `tools` module); `response_format` and tools
     that the model may call are mutually exclusive, as in TGI;
   * `skip_special_tokens` (vLLM's extension, default true): false keeps special tokens' text in the output.
 """
@@ -21,9 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
-
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
