@@ -48,18 +48,22 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 class Launched:
-    def __init__(self, model_dir: Path, tmp_path: Path, *args: str):
-        self.uds = str(tmp_path / "sock" / "shard")
-        Path(self.uds).parent.mkdir(exist_ok=True)
+    """A launcher on free ports. default_sockets: leave --shard-uds-path and --master-port to the launcher."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path, *args: str, default_sockets: bool = False, name: str = "launcher"):
         self.port, self.grpc_port = free_port(), free_port()
-        self.log = tmp_path / "launcher.log"
+        self.log = tmp_path / f"{name}.log"
         argv = [
             LAUNCHER, "--model-id", str(model_dir), "--port", str(self.port), "--grpc-port", str(self.grpc_port),
-            "--hostname", "127.0.0.1", "--shard-uds-path", self.uds, "--master-port", str(free_port()),
-            "--kv-cache-fraction", "0.002", "--graceful-termination-timeout", "20", *args,
+            "--hostname", "127.0.0.1", "--kv-cache-fraction", "0.002", "--graceful-termination-timeout", "20", *args,
         ]
+        if not default_sockets:
+            uds = tmp_path / f"{name}-sock" / "shard"
+            uds.parent.mkdir(exist_ok=True)
+            argv += ["--shard-uds-path", str(uds), "--master-port", str(free_port())]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.uds = str(uds) if not default_sockets else f"/tmp/text-generation-server-{self.process.pid}"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -88,10 +92,11 @@ class Launched:
 def launch(tmp_path):
     started = []
 
-    def start(model_dir: Path, *args: str) -> Launched:
-        launched = Launched(model_dir, tmp_path, *args)
+    def start(model_dir: Path, *args: str, ready: bool = True, **kwargs) -> Launched:
+        launched = Launched(model_dir, tmp_path, *args, **kwargs)
         started.append(launched)
-        launched.wait_ready()
+        if ready:
+            launched.wait_ready()
         return launched
 
     yield start
@@ -165,46 +170,121 @@ def test_launcher_serves_internlm2_through_every_api(launch, tmp_path, tmp_path_
         assert reply.responses[0].text == tokenizer.decode(expected[PROMPTS[1]], skip_special_tokens=True)
 
 
-def test_a_dead_shard_stops_everything(launch, tiny_internlm2_dir):
-    served = launch(tiny_internlm2_dir)
-    shard_pids = [pid for pid in processes_mentioning(served.uds) if pid != served.process.pid]
-    servers = [pid for pid in shard_pids if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert servers, "no shard process found"
-    os.kill(servers[0], signal.SIGKILL)
-    assert served.process.wait(15) != 0
-    assert "shard 0 exited unexpectedly" in served.log.read_text()
+class Streams:
+    """`count` streaming /v1/completions clients that never end by themselves (ignore_eos, a long max_tokens);
+    each records when and how its stream ended: its last event before [DONE], or the client's error."""
+
+    def __init__(self, url: str, count: int):
+        self.url, self.ends, self.lock = url, [], threading.Lock()
+        self.started = threading.Semaphore(0)  # released by each stream's first event
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        body = {"prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        events: list[str] = []
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line)
+                        if len(events) == 1:
+                            self.started.release()
+            outcome = events[-2] if len(events) > 1 and events[-1] == "data:[DONE]" else f"no [DONE]: {events[-1:]}"
+        except httpx.HTTPError as error:
+            outcome = f"{type(error).__name__}: {error}"
+        with self.lock:
+            self.ends.append((time.monotonic(), outcome))
+
+    def wait_started(self, timeout: float = 30) -> None:
+        """Until every stream has its first event (all are in flight)."""
+        for _ in self.threads:
+            assert self.started.acquire(timeout=timeout), "the streams did not start"
+
+    def join(self, timeout: float) -> list[tuple[float, str]]:
+        for thread in self.threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a client was left hanging"
+        return self.ends
+
+
+def shared_memory() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    """A tiny model that 1, 2 and 4 ranks can split."""
+    return make_tiny(tmp_path_factory, "launcher-4kv", hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=1000)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_sigterm_while_streaming_stops_cleanly(launch, four_kv_heads, shards):
+    """In-flight streams get the grace period, then an error event; every process is gone 5 s later, exit 0."""
+    before = shared_memory()
+    served = launch(four_kv_heads, "--num-shard", str(shards), "--graceful-termination-timeout", "2")
+    streams = Streams(served.url, 3)
+    streams.wait_started()
+    signalled = time.monotonic()
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(2 + 5 + 1) == 0, served.log.read_text()
+    stopped = time.monotonic() - signalled
+    ends = streams.join(10)
+    assert len(ends) == 3 and all("the server is shutting down" in outcome for _, outcome in ends), ends
+    assert all(at - signalled < 2 + 1 for at, _ in ends), ends  # within the grace period (and a margin)
+    assert stopped < 2 + 5, served.log.read_text()
+    assert processes_mentioning(served.uds) == []
+    assert not any(Path(served.uds).parent.iterdir()), "sockets left behind"
+    assert shared_memory() <= before, "shared memory left behind"
+    assert f"{shards} shard(s) ready" in served.log.read_text() and "killing" not in served.log.read_text()
+
+
+@pytest.mark.parametrize("victim", ["shard 1", "router"])
+def test_a_killed_shard_or_router_stops_everything(launch, four_kv_heads, victim):
+    """Everything stops within 5 s, the launcher exits non-zero, every in-flight client has its error."""
+    served = launch(four_kv_heads, "--num-shard", "2")
+    streams = Streams(served.url, 3)
+    streams.wait_started()
+    children = [pid for pid in processes_mentioning(served.uds) if pid != served.process.pid]
+    marker = b"text-generation-router" if victim == "router" else b"serve"
+    candidates = [pid for pid in children if marker in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    if victim == "shard 1":
+        candidates = [pid for pid in candidates if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(candidates) == 1, candidates
+    killed = time.monotonic()
+    os.kill(candidates[0], signal.SIGKILL)
+    assert served.process.wait(5) == 1
+    ends = streams.join(10)
+    assert len(ends) == 3 and all(at - killed < 5 for at, _ in ends), ends
+    assert not any(outcome.startswith("data:{\"id\"") for _, outcome in ends), ends  # an error, not a token
+    assert f"{victim} exited unexpectedly" in served.log.read_text()
     time.sleep(0.5)
     assert processes_mentioning(served.uds) == []
 
 
-def test_sigterm_while_streaming_stops_cleanly(launch, tiny_internlm2_dir):
-    served = launch(tiny_internlm2_dir)
-    outcomes: list[str] = []
+def test_two_servers_on_one_host_never_collide(launch, tiny_internlm2_dir, tmp_path):
+    """Default sockets and master ports are per instance; a taken socket or port is one clear error, at once,
+    and the running server is untouched."""
+    first = launch(tiny_internlm2_dir, "--num-shard", "2", default_sockets=True, name="first")
+    second = launch(tiny_internlm2_dir, "--num-shard", "2", default_sockets=True, name="second")
+    assert first.uds != second.uds
+    for served in (first, second):
+        assert "torch.distributed on localhost:" in served.log.read_text()
+        assert httpx.post(f"{served.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
-    def stream() -> None:
-        try:
-            with httpx.stream(
-                "POST", f"{served.url}/generate_stream", timeout=60,
-                json={"inputs": "Hello", "parameters": {"max_new_tokens": 400}},
-            ) as response:
-                for _ in response.iter_lines():
-                    pass
-            outcomes.append("ended")
-        except httpx.HTTPError as e:
-            outcomes.append(type(e).__name__)
-
-    threads = [threading.Thread(target=stream) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    served.process.send_signal(signal.SIGTERM)
-    assert served.process.wait(60) == 0, served.log.read_text()
-    for thread in threads:
-        thread.join(30)
-        assert not thread.is_alive(), "a client was left hanging"
-    assert len(outcomes) == 4
-    assert processes_mentioning(served.uds) == []
-    assert not any(Path(served.uds).parent.iterdir()), "sockets left behind"
+    started = time.monotonic()
+    taken_socket = launch(
+        tiny_internlm2_dir, "--shard-uds-path", first.uds, ready=False, default_sockets=True, name="taken-socket"
+    )
+    assert taken_socket.process.wait(30) == 1
+    assert f"shard socket {first.uds}-0 is in use" in taken_socket.log.read_text()
+    taken_port = launch(tiny_internlm2_dir, "--port", str(first.port), ready=False, default_sockets=True, name="taken-port")
+    assert taken_port.process.wait(30) == 1 and time.monotonic() - started < 20
+    log = taken_port.log.read_text()
+    assert f"--port {first.port} on 127.0.0.1 is in use" in log and "shard 0" not in log  # before any shard loads
+    assert Path(f"{first.uds}-0").exists() and Path(f"{first.uds}-1").exists()
+    assert httpx.post(f"{first.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 @pytest.mark.parametrize("problem", ["missing", "broken-config", "broken-weights"])

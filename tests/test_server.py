@@ -929,3 +929,17 @@ def test_a_prefix_cache_hit_reuses_the_blocks_of_an_earlier_request(stub, alloca
     assert list(driver.steps[0].requests[0].new_blocks)[0] == prefix_block
     want = generate(engine, [second])[0]
     assert_same(driver.results[2], want, "request 2")
+
+
+def test_serve_never_takes_over_a_live_socket(tiny_internlm2_dir, tmp_path):
+    """A socket another process answers on is not a stale file: serve refuses it and leaves it in place."""
+    path = tmp_path / "live-0"
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen()
+        result = run_cli(
+            "serve", str(tiny_internlm2_dir), "--uds-path", str(tmp_path / "live"), "--device", "cpu", "--dtype", "float32"
+        )
+        assert result.returncode == 1
+        assert f"shard socket {path} is in use" in result.stderr, result.stderr
+        assert path.exists()

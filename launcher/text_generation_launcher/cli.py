@@ -20,9 +20,13 @@ from pathlib import Path
 import typer
 from loguru import logger
 
-from text_generation_launcher.processes import Child, ChildFailed, parse_log_line, wait_until
+from text_generation_common.sockets import SocketInUse, check_port_free, claim_unix_socket, free_port
+from text_generation_launcher.processes import Child, ChildFailed, parse_log_line, terminate_all, wait_until
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+ROUTER_MARGIN_S = 5.0  # past the router's own graceful timeout before it is killed
+SHARD_STOP_S = 4.0  # for the shards once the router is gone (they stop in well under a second)
+AFTER_FAILURE_S = 2.0  # per group after a child died: what was in flight cannot finish anyway
 
 
 def _option(default, help: str, env: str | None = None, **kwargs):
@@ -101,13 +105,19 @@ def main(
     hostname: str = _option("0.0.0.0", "Address the HTTP and gRPC APIs listen on.", "HOSTNAME"),
     port: int = _option(3000, "HTTP port (TGI and OpenAI APIs).", "PORT"),
     grpc_port: int = _option(8033, "Public gRPC port (fmaas.GenerationService); 0 disables it.", "GRPC_PORT"),
-    shard_uds_path: str = _option("/tmp/text-generation-server", "Socket base path: rank r listens on <path>-r.", "SHARD_UDS_PATH"),
+    shard_uds_path: str = _option(
+        None, "Socket base path: rank r listens on <path>-r. Default: /tmp/text-generation-server-<launcher pid>, "
+        "so that servers on one host never share one.", "SHARD_UDS_PATH",
+    ),
     master_addr: str = _option("localhost", "torch.distributed master address for the ranks.", "MASTER_ADDR"),
-    master_port: int = _option(29500, "torch.distributed master port for the ranks.", "MASTER_PORT"),
+    master_port: int = _option(
+        None, "torch.distributed master port for the ranks. Default: a free port, chosen at start.", "MASTER_PORT"
+    ),
     json_output: bool = _option(False, "Log JSON records, one per line (launcher, shards and router).", "JSON_OUTPUT"),
     startup_timeout: int = _option(1800, "Seconds allowed for a shard to load or the router to warm up.", "STARTUP_TIMEOUT"),
     graceful_termination_timeout: int = _option(
-        90, "Seconds children get to finish in-flight work after SIGTERM before being killed.", "GRACEFUL_TERMINATION_TIMEOUT"
+        90, "Seconds in-flight requests get after SIGTERM/SIGINT: they finish, or end with an error when the time is "
+        "up; every process is gone a few seconds later.", "GRACEFUL_TERMINATION_TIMEOUT",
     ),
 ) -> None:
     _setup_logging(json_output)
@@ -122,7 +132,12 @@ def main(
     launcher = Launcher(graceful_termination_timeout)
     signal.signal(signal.SIGTERM, launcher.request_stop)
     signal.signal(signal.SIGINT, launcher.request_stop)
+    failed = False
+    shard_uds_path = shard_uds_path or f"/tmp/text-generation-server-{os.getpid()}"
     try:
+        master_port = _check_sockets(
+            world_size, shard_uds_path, master_addr, master_port, hostname, port, grpc_port, prometheus_port
+        )
         model_dir = launcher.download_weights(model_id, revision)
         config = _read_config(model_dir)
         logger.info(
@@ -154,6 +169,7 @@ def main(
                 cors_allow_origin=cors_allow_origin,
                 payload_limit=payload_limit, chat_template=chat_template, prometheus_port=prometheus_port,
                 otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
+                graceful_termination_timeout=graceful_termination_timeout,
             ),
         )
         # the key travels in the environment, not on a command line that `ps` shows
@@ -163,18 +179,35 @@ def main(
         grpc_url = f", gRPC {shown_host}:{grpc_port}" if grpc_port else ""
         logger.info(f"ready: HTTP http://{shown_host}:{port} (TGI and OpenAI APIs, docs at /docs){grpc_url}")
         code = launcher.supervise()
+        failed = code != 0
     except ChildFailed as e:
         # the child's own error line was relayed already: one ERROR line, not two
         logger.log("INFO" if e.child.logged_error else "ERROR", str(e))
-        code = 1
-    except (LaunchError, TimeoutError) as e:
+        code, failed = 1, True
+    except (LaunchError, TimeoutError, SocketInUse) as e:
         logger.error(str(e))
-        code = 1
+        code, failed = 1, True
     except StopRequested:
         code = 0
     finally:
-        launcher.shutdown(shard_uds_path)
+        launcher.shutdown(shard_uds_path, failed)
     raise typer.Exit(code)
+
+
+def _check_sockets(world_size, uds_path, master_addr, master_port, hostname, port, grpc_port, prometheus_port) -> int:
+    """Refuse, before any weights load, the sockets and ports another server holds; the master port to use (a
+    free one unless given)."""
+    for what, number in (("--port", port), ("--grpc-port", grpc_port), ("--prometheus-port", prometheus_port)):
+        if number:
+            check_port_free(hostname, number, what)
+    for rank in range(world_size):
+        claim_unix_socket(f"{uds_path}-{rank}", "--shard-uds-path: shard socket")
+    if master_port is None:
+        master_port = free_port(master_addr)
+    elif world_size > 1:
+        check_port_free(master_addr, master_port, "--master-port")
+    logger.info(f"shard sockets {uds_path}-<rank>" + (f", torch.distributed on {master_addr}:{master_port}" if world_size > 1 else ""))
+    return master_port
 
 
 class LaunchError(RuntimeError):
@@ -225,9 +258,6 @@ class Launcher:
     def start_shards(self, model_dir, world_size, uds_path, master_addr, master_port, extra_args, timeout_s) -> None:
         self.world_size = world_size
         for rank in range(world_size):
-            socket = Path(f"{uds_path}-{rank}")
-            if socket.exists():
-                socket.unlink()  # a stale socket would look like a ready shard
             env = {
                 **os.environ,
                 "RANK": str(rank),
@@ -273,12 +303,20 @@ class Launcher:
                     return 1
         return 0
 
-    def shutdown(self, uds_path: str) -> None:
-        """Router first (it finishes or fails in-flight requests), then the shards; sockets removed."""
-        if self.router is not None:
-            self.router.terminate(self.grace_s)
-        for shard in self.shards:
-            shard.terminate(self.grace_s)
+    def shutdown(self, uds_path: str, failed: bool) -> None:
+        """Stop every child and remove the sockets.
+
+        A requested stop: the router first, which stops accepting and lets in-flight requests finish or end them
+        with an error when --graceful-termination-timeout is up, then every shard at once. After a failure: the
+        shards first, at once, so that the router's steps fail and its clients get an error now, then the router.
+        """
+        router = [self.router] if self.router is not None else []
+        if failed:
+            terminate_all(self.shards, AFTER_FAILURE_S)
+            terminate_all(router, AFTER_FAILURE_S)
+        else:
+            terminate_all(router, self.grace_s + ROUTER_MARGIN_S)
+            terminate_all(self.shards, SHARD_STOP_S)
         for rank in range(self.world_size):
             socket = Path(f"{uds_path}-{rank}")
             if socket.exists():

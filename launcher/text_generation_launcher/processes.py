@@ -64,14 +64,17 @@ class Child:
                 return line
         return self.tail[-1] if self.tail else "(no output)"
 
-    def terminate(self, grace_s: float) -> int | None:
-        """SIGTERM, wait up to `grace_s`, then SIGKILL the whole session. Returns the exit code."""
+    def signal_stop(self) -> None:
+        """SIGTERM to the child, if it still runs."""
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning(f"{self.name} did not stop within {grace_s:.0f}s; killing it")
+
+    def wait_or_kill(self, deadline: float) -> int | None:
+        """Wait for the child until `deadline` (time.monotonic()), then SIGKILL its whole session; its exit code."""
+        try:
+            self.process.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            logger.warning(f"{self.name} did not stop in time; killing it")
         # children of the child (e.g. ranks' helpers) die with its session
         _signal_group(self.process.pid, signal.SIGKILL)
         try:
@@ -80,6 +83,16 @@ class Child:
             logger.error(f"{self.name} (pid {self.process.pid}) survived SIGKILL")
         self._reader.join(timeout=2)
         return self.process.returncode
+
+
+def terminate_all(children: Sequence[Child], grace_s: float) -> None:
+    """SIGTERM every child at once, then give them `grace_s` together before SIGKILL. At once, because ranks
+    of one model stop together: a rank waited for alone may wait on its peers."""
+    for child in children:
+        child.signal_stop()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.wait_or_kill(deadline)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -3,8 +3,9 @@
 Start-up (TGI's order): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup, check the
 limits, build the RouterState, start the step loop, then serve HTTP (uvicorn, the FastAPI app of
 `text_generation_router.api.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
-One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting, let in-flight requests finish
-(bounded by --graceful-termination-timeout), exit 0.
+One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting (HTTP and gRPC), let in-flight
+requests finish; when --graceful-termination-timeout is up, end the rest with an error (an error event on a
+stream), then exit 0.
 
 Defaults derived from the model (stated here because TGI computes some of them in its launcher):
   * --max-total-tokens: min(max_position_embeddings, KV capacity after Warmup, --max-batch-total-tokens);
@@ -239,21 +240,37 @@ def build_state(client, limits, shard, tokenizer, model_id: str, features=(), tr
     )
 
 
+IDLE_CONNECTION_TIMEOUT_S = 5  # uvicorn's keep-alive timeout, applied from the moment a connection opens
+
+
 class _Uvicorn:
-    """uvicorn.Server without its own signal handling (the router handles SIGTERM/SIGINT itself)."""
+    """uvicorn.Server without its own signal handling (the router handles SIGTERM/SIGINT itself), whose
+    connections are closed when they stay idle for IDLE_CONNECTION_TIMEOUT_S seconds, before their first request
+    as well as between requests: a client that opens connections and sends nothing (slowloris) does not keep
+    them. uvicorn alone closes idle connections only between requests."""
 
     @staticmethod
     def make(app_, host: str, port: int, graceful: float, json_output: bool):
         import uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self):
                 yield
 
+        class IdleClosingH11Protocol(H11Protocol):
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                # the keep-alive timer, cancelled by the first bytes received as it is between requests
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
         config = uvicorn.Config(
-            app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful),
-            access_log=False,
+            # a backstop: in-flight requests are ended with an error by the router at `graceful` already
+            app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful) + 3,
+            access_log=False, http=IdleClosingH11Protocol, timeout_keep_alive=IDLE_CONNECTION_TIMEOUT_S,
         )
         return Server(config)
 
@@ -338,15 +355,25 @@ async def run(o: dict) -> int:
     grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
 
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
+    timeout = o["graceful_termination_timeout"]
+    draining: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        """In-flight requests finish, or end with an error once the timeout is up; gRPC stops accepting now."""
+        stopped = [grpc_server.stop(grace=timeout)] if grpc_server is not None else []
+        if not await infer.wait_idle(timeout):
+            logger.warning(f"in-flight requests did not finish within {timeout:g}s: ending them with an error")
+        await infer.stop()
+        await asyncio.gather(*stopped)
 
     def on_signal(sig: signal.Signals) -> None:
-        if stopping.is_set():
+        if draining:
             logger.warning(f"received {sig.name} again: forcing exit")
             for server, _ in servers:
                 server.force_exit = True
-        logger.info(f"received {sig.name}: stop accepting, finish in-flight requests")
-        stopping.set()
+            return
+        logger.info(f"received {sig.name}: stop accepting, finish in-flight requests (at most {timeout:g}s)")
+        draining.append(loop.create_task(drain()))
         for server, _ in servers:
             server.should_exit = True
 
@@ -365,11 +392,9 @@ async def run(o: dict) -> int:
 
     # each returns once should_exit is set and its HTTP connections are done (bounded)
     await asyncio.gather(*(task for _, task in servers))
-    if grpc_server is not None:
-        await grpc_server.stop(grace=o["graceful_termination_timeout"])
-    if not await infer.wait_idle(o["graceful_termination_timeout"]):
-        logger.warning("in-flight requests did not finish in time; cancelling them")
-    await infer.stop()
+    if not draining:  # the HTTP server ended without a signal
+        draining.append(loop.create_task(drain()))
+    await draining[0]
     tracer.shutdown()
     with contextlib.suppress(Exception):
         await client.close()

@@ -29,6 +29,9 @@ from .types import GenerationRequest, RouterLimits, SamplingParams, ValidationEr
 
 PREFIX = "Input validation error: "
 MAX_SEED = 2**64 - 1
+# Each stop sequence is matched against the text's tail as long as the longest one after every token: a
+# megabyte-long one would cost a megabyte of comparisons per token. Real stop sequences are a few words.
+MAX_STOP_SEQUENCE_CHARS = 1024
 
 
 def invalid(message: str) -> ValidationError:
@@ -165,6 +168,9 @@ class Validation:
             )
         if any(s == "" for s in p.stop):
             raise invalid("`stop` sequences must not be empty strings")
+        longest = max((len(s) for s in p.stop), default=0)
+        if longest > MAX_STOP_SEQUENCE_CHARS:
+            raise invalid(f"`stop` sequences must be at most {MAX_STOP_SEQUENCE_CHARS} characters. Given: {longest}")
         top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
         top_n_cap = limits.max_top_n_tokens if max_top_n_tokens is None else max_top_n_tokens
         if not 0 <= top_n_tokens <= top_n_cap:

@@ -211,9 +211,7 @@ def serve(
     if sharded:
         from text_generation_server.utils import dist
 
-        shutdown = getattr(dist, "shutdown_distributed", None)
-        if shutdown is not None:
-            shutdown()  # every rank stops together (the launcher signals them all)
+        dist.shutdown_distributed()  # each rank leaves on its own (the launcher signals them all at once)
     raise typer.Exit(code)
 
 

@@ -29,6 +29,7 @@ from text_generation_server import device as device_layer
 from text_generation_server import pb_convert
 from text_generation_server.models.flash_causal_lm import FlashCausalLM
 from text_generation_common.pb import generate_pb2, generate_pb2_grpc
+from text_generation_common.sockets import SocketInUse, claim_unix_socket
 
 FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
@@ -242,11 +243,10 @@ def serve(
     socket_path = Path(f"{uds_path}-{rank}")
     if len(str(socket_path)) > UNIX_PATH_MAX:
         raise ValueError(f"unix socket path {socket_path} is longer than {UNIX_PATH_MAX} characters")
-    if socket_path.is_dir():
-        raise ValueError(f"unix socket path {socket_path} is a directory")
-    if socket_path.exists() or socket_path.is_symlink():
-        logger.info(f"removing stale socket {socket_path}")
-        socket_path.unlink()
+    try:
+        claim_unix_socket(socket_path, "shard socket")  # a stale file goes; a live server's socket stays
+    except SocketInUse as error:
+        raise ValueError(str(error)) from None
 
     stop = threading.Event()
     policy = ErrorPolicy(on_fatal=stop.set)

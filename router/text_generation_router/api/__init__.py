@@ -3,8 +3,10 @@ the checks in front of them (`guards`).
 
     app = create_app(state, HttpOptions(api_key="secret", cors_allow_origins=("https://ui.example",)))
 
-Request bodies that do not parse are answered as TGI's router answers them: 400 for JSON that does not parse,
-422 for a body of the wrong shape, both with a message naming the field.
+Request bodies that do not parse are answered as TGI's router answers them: 400 for JSON that does not parse
+(invalid UTF-8 and JSON nested too deeply included), 422 for a body of the wrong shape, both with a message
+naming the problem. Every other error the framework raises (an unknown route, a method a route does not take)
+and any unexpected exception keep TGI's shape, `{"error": ..., "error_type": ...}`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from loguru import logger
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..types import RouterState
@@ -52,6 +56,28 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     )
 
 
+_HTTP_ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors in TGI's shape; a body it could not parse says why."""
+    message = str(exc.detail)
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"Failed to parse the request body as JSON: it is not valid UTF-8 ({cause})"
+    elif isinstance(cause, RecursionError):
+        message = "Failed to parse the request body as JSON: it nests too deeply"
+    elif cause is not None:
+        message = f"Failed to parse the request body as JSON: {type(cause).__name__}: {cause}"
+    error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "validation" if exc.status_code < 500 else "internal")
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.opt(exception=exc).error(f"{request.method} {request.url.path} failed: {type(exc).__name__}: {exc}")
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}", "error_type": "internal"}, status_code=500)
+
+
 def create_app(state: RouterState, options: HttpOptions = HttpOptions()) -> FastAPI:
     app = FastAPI(
         title="Text Generation Inference (InternLM2)",
@@ -61,6 +87,8 @@ def create_app(state: RouterState, options: HttpOptions = HttpOptions()) -> Fast
         docs_url="/docs",
     )
     app.add_exception_handler(RequestValidationError, _bad_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
     app.include_router(TGIRoutes(state).router())
     app.include_router(OpenAIRoutes(state).router())
     # the last added runs first: CORS answers preflights before the key is asked for, and the body limit

@@ -70,7 +70,9 @@ def initialize_distributed(device: torch.device) -> TensorParallelGroup:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group before exiting: gloo aborts the process if its threads outlive the interpreter."""
+    """Leave the process group before exiting: gloo aborts the process if its threads outlive the interpreter.
+
+    No barrier first: a rank must be able to leave while its peers are stopping, stopped already or dead (a
+    barrier waited for the slowest of them, up to the group's timeout)."""
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
