@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/*.proto)
 STUBS  := $(patsubst proto/%.proto,common/text_generation_common/pb/%_pb2.py,$(PROTOS))
 
-.PHONY: install stubs test run bench clean
+.PHONY: install stubs test run bench soak clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test: stubs
 # Installs nothing: the plot needs the `bench` extra (pip install -e '.[bench]'), the table and JSON do not.
 bench: stubs
 	$(BIN)/text-generation-benchmark --out bench-results $(BENCH_ARGS)
+
+# Reliability over a long mixed load against the embedded default model (~2 min here): lost requests, RSS, KV blocks.
+# Options: make soak SOAK_ARGS="--requests 50000 --concurrency 32 --num-shard 2"
+soak: stubs $(DEFAULT_MODEL)/config.json
+	$(BIN)/python scripts/soak.py --model-id $(DEFAULT_MODEL) --out bench-results/soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info server/*.egg-info common/text_generation_common/pb/*_pb2*
