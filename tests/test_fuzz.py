@@ -6,7 +6,6 @@ Bounded: a few dozen examples per route, derandomized (the same examples every r
 
 from __future__ import annotations
 
-import json
 
 import httpx
 import pytest
