@@ -105,7 +105,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: Iterable[int], capacity: int = 128):
         self._tokenizer = tokenizer
         self._eos_token_ids = tuple(eos_token_ids)
-        self._vocabulary: llguidance.LLTokenizer | None = None  # built on first use (~1 s for 92544 pieces)
+        self._vocabulary: llguidance.LLTokenizer | None = None  # built on first use: 0.12 s for 92544 pieces
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+
 class GrammarConstraint:
     """One request's grammar: `matcher` starts at the grammar's beginning and has consumed `generated`."""
 
