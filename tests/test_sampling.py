@@ -425,3 +425,20 @@ def test_top_n_tokens():
         top_n_tokens(logprobs, [1, -1, 0])
     with pytest.raises(ValueError):
         top_n_tokens(logprobs, [1])
+
+
+@pytest.mark.parametrize("vocab_size", [92544, 1000, 128, 7])
+def test_first_argmax_is_torch_argmax(vocab_size):
+    """The same first-occurrence ids as torch.argmax: random rows, ties across and within blocks, rows of -inf,
+    NaN, and vocabularies that are not a multiple of the block."""
+    g = torch.Generator().manual_seed(vocab_size)
+    scores = torch.randn(12, vocab_size, generator=g)
+    scores[1] = 0.0  # all tied: id 0
+    scores[2, [vocab_size - 1, vocab_size // 2]] = 50.0  # a tie in two blocks: the first wins
+    scores[3] = -math.inf
+    scores[4, vocab_size // 3] = math.nan
+    scores[5, :] = 3.0
+    scores[5, min(5, vocab_size - 1)] = 4.0
+    scores[6, -1] = 100.0  # the last id, in the padded block
+    assert torch.equal(sampling.first_argmax(scores), scores.argmax(dim=-1))
+    assert torch.equal(sampling.first_argmax(scores.bfloat16()), scores.bfloat16().argmax(dim=-1))

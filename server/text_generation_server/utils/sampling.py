@@ -220,6 +220,24 @@ def _apply_typical_p(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(to_remove, -math.inf)
 
 
+ARGMAX_BLOCK = 128  # ids per block of `first_argmax`'s first pass
+
+
+def first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) for scores [B, V]: the first id of each row's largest score (NaN counts as largest,
+    as in torch.argmax), in two passes. On CPU torch's argmax over a [32, 92544] row set takes ~1.3 ms and its
+    amax ~0.1: the first pass takes each block's amax and picks the first best block, the second the first best
+    id within it, ~5x faster in all."""
+    rows, vocab_size = scores.shape
+    pad = -vocab_size % ARGMAX_BLOCK
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
+    blocks = scores.view(rows, -1, ARGMAX_BLOCK)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # [B]
+    within = blocks[torch.arange(rows, device=scores.device), best_block].argmax(dim=-1)
+    return best_block * ARGMAX_BLOCK + within
+
+
 def _on_rows(scores: torch.Tensor, rows: torch.Tensor, processed_rows: torch.Tensor) -> torch.Tensor:
     """scores with the given rows replaced (out of place)."""
     if rows.numel() == scores.shape[0]:
@@ -242,7 +260,7 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.T
     ids = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # Rounding at the very top of the CDF could land on a masked (zero-probability) id; fall back to argmax.
     landed_on_masked = probs.gather(1, ids.unsqueeze(1)).squeeze(1) <= 0
-    return torch.where(landed_on_masked, probs.argmax(dim=-1), ids)
+    return torch.where(landed_on_masked, first_argmax(probs), ids)
 
 
 def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Tensor:
@@ -307,7 +325,7 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> tup
     of the processed scores), and records each chosen id in its sampler."""
     scores = process(logits, samplers)
     logprobs = torch.log_softmax(scores, dim=-1)
-    next_ids = scores.argmax(dim=-1)
+    next_ids = first_argmax(scores)
     sampled = _rows_where([s.generator is not None for s in samplers], logits.device)
     if sampled is not None:
         generators = [samplers[i].generator for i in sampled.tolist()]
