@@ -33,6 +33,7 @@ from ..chat import render_chat, turn_end_id
 from ..request_metrics import RequestGroup
 from ..tools import (
     MARKERS,
+    Tool,
     ToolCallParser,
     ToolError,
     forced_function,
@@ -144,10 +145,20 @@ def chat_messages(body: ChatRequest) -> list[dict]:
     return messages
 
 
-def chat_prompt(tokenizer: Tokenizer, body: ChatRequest) -> str:
-    """The rendered prompt of a chat, with the tools the model may call (what /chat_tokenize shows)."""
+def chat_tools(body: ChatRequest) -> tuple[list[Tool], str | None]:
+    """The request's tools, checked, and its tool_choice ("auto", "none", "required", "function:<name>"; None
+    without tools)."""
     tools = parse_tools(body.tools) if body.tools else []
-    offered = tools if parse_tool_choice(body.tool_choice, tools) not in (None, "none") else None
+    return tools, parse_tool_choice(body.tool_choice, tools)
+
+
+def offered_tools(tools: list[Tool], choice: str | None) -> list[Tool] | None:
+    """The tools the model is shown: none for tool_choice "none"."""
+    return tools if choice not in (None, "none") else None
+
+
+def chat_prompt(tokenizer: Tokenizer, body: ChatRequest, offered: list[Tool] | None) -> str:
+    """The rendered prompt of a chat, with the tools the model may call (what /chat_tokenize shows)."""
     messages = chat_messages(body)
     continue_final = messages[-1].get("role") == "assistant"
     prompt = render_chat(tokenizer, messages, add_generation_prompt=not continue_final, tools=offered)
@@ -300,11 +311,9 @@ class OpenAIRoutes:
 
     # -------------------------------------------------------------------------------- chat
 
-    def tool_mode(self, body: ChatRequest) -> tuple[str | None, str]:
+    def tool_mode(self, body: ChatRequest, tools: list[Tool], choice: str | None) -> tuple[str | None, str]:
         """tool_choice ("auto", "required", "function:<name>"; None when the model may call no tool) and the
         grammar that forces the calls ("" unless required or named)."""
-        tools = parse_tools(body.tools) if body.tools else []
-        choice = parse_tool_choice(body.tool_choice, tools)
         if choice in (None, "none"):
             return None, ""
         if body.response_format is not None and body.response_format.type != "text":
@@ -327,8 +336,9 @@ class OpenAIRoutes:
             raise invalid("`top_logprobs` needs `logprobs` set to true")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise invalid("give `max_tokens` or `max_completion_tokens`, not both")
-        choice, tool_grammar = self.tool_mode(body)
-        prompt = chat_prompt(self.state.tokenizer, body)
+        tools, requested = chat_tools(body)
+        choice, tool_grammar = self.tool_mode(body, tools, requested)
+        prompt = chat_prompt(self.state.tokenizer, body, offered_tools(tools, requested))
         params = _parameters(
             body,
             sample_by_default=True,

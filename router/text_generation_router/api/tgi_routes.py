@@ -31,7 +31,7 @@ from .common import (
     token_json,
     token_steps,
 )
-from .openai_routes import ChatRequest, chat_prompt
+from .openai_routes import ChatRequest, chat_prompt, chat_tools, offered_tools
 
 TAG = "Text Generation Inference"
 
@@ -227,7 +227,7 @@ class TGIRoutes:
 
     async def chat_tokenize(self, body: ChatRequest):
         try:
-            text = chat_prompt(self.state.tokenizer, body)
+            text = chat_prompt(self.state.tokenizer, body, offered_tools(*chat_tools(body)))
         except RouterError as error:
             return error_response(error)
         ids = encode_chat(self.state.tokenizer, text)
