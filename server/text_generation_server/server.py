@@ -158,7 +158,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
             architecture=config.architecture,
             dtype=str(model.dtype),
             device_type=model.device.type,
-            block_size=kv_cache.block_size if kv_cache is not None else model.ops.default_block_size,
+            block_size=kv_cache.block_size if kv_cache is not None else model.block_size,
             world_size=self.world_size,
             vocab_size=config.vocab_size,
             max_position_embeddings=config.max_position_embeddings,

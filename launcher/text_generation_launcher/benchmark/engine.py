@@ -29,7 +29,7 @@ class Engine:
         self.model = get_model(model_dir, dtype=dtype, device="cpu", kernels=os.environ.get("KERNELS", "auto"))
         tokens = max(workloads.step_streams * (workloads.step_prompt + workloads.step_new),
                      max(workloads.concurrency) * workloads.max_total_tokens, workloads.max_total_tokens)
-        self.model.allocate_kv_cache(-(-tokens // self.model.ops.default_block_size) + 8)
+        self.model.allocate_kv_cache(-(-tokens // self.model.block_size) + 8)
         self.info = {
             "engine": "ours: FlashCausalLM.step in-process", "dtype": dtype, "threads": threads,
             "kernels": self.model.ops.name,

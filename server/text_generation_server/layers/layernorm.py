@@ -21,3 +21,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's next value `residual + x` and its normalisation: (normed, residual + x)."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

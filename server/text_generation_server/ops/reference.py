@@ -69,6 +69,9 @@ class ReferenceOps(Ops):
         if not dtype.is_floating_point:
             raise ValueError(f"the KV cache needs a floating-point dtype, got {dtype}")
 
+    def check_attention_shape(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        assert num_heads % num_kv_heads == 0, "the model config checks that KV heads divide the heads"
+
     def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Key + value of one token in every layer: sized by the KV heads, not the attention heads."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -108,6 +111,12 @@ class ReferenceOps(Ops):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = residual + x
+        return self.rms_norm(total, weight, eps), total
 
     def rotary(
         self, query: torch.Tensor, key: torch.Tensor, meta: AttentionMetadata

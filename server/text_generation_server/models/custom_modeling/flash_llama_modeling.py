@@ -78,9 +78,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", hidden, eps, ops)
         self.mlp = LlamaMLP(f"{prefix}.mlp", config, weights, ops)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (the MLP's output, the residual stream before it is added), as InternLM2's
+        layer: each residual add happens inside the next norm."""
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attended = self.self_attn(normed, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -95,10 +104,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden = layer(hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, kv_cache, meta)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class FlashLlamaForCausalLM(nn.Module):
