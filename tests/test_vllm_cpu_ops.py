@@ -63,6 +63,15 @@ def test_rms_norm_equals_the_reference(kernels, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_equals_the_reference(kernels, dtype):
+    x, residual = torch.randn(7, 256).to(dtype), torch.randn(7, 256).to(dtype)
+    weight = torch.rand(256).to(dtype) + 0.5
+    expected = ReferenceOps().add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
+    for got, want in zip(kernels.add_rms_norm(x, residual, weight, 1e-6), expected):
+        torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 @pytest.fixture(scope="module")
 def head_dim_64_model(tmp_path_factory):
     from conftest import make_tiny
@@ -142,13 +151,16 @@ def test_auto_picks_the_reference_for_shapes_the_kernels_do_not_support(kernels)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias):
-    weight = torch.randn(320, 192).to(dtype)
-    bias = torch.randn(320).to(dtype) if with_bias else None
-    x = torch.randn(tokens + 3, 192).to(dtype)[3:]  # a view that does not start at its storage's start
+@pytest.mark.parametrize("shape", [(320, 192), (100, 70)], ids=["vnni-packable", "other-shape"])
+def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias, shape):
+    """bfloat16 weights of 16·n × 32·m go through weight_packed_linear, others (and float32) through oneDNN."""
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype) if with_bias else None
+    x = torch.randn(tokens + 3, in_features).to(dtype)[3:]  # a view that does not start at its storage's start
     expected = ReferenceOps().linear(weight, bias)(x)
     got = kernels.linear(weight, bias)(x)
-    assert got.shape == (tokens, 320) and got.dtype == dtype
+    assert got.shape == (tokens, out_features) and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 

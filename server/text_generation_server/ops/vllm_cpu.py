@@ -8,9 +8,12 @@ alone, so the `vllm` Python package (and its dependencies) is never imported. Of
   * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
     with or without a cached prefix, decoding requests) reading each context block in place, with an online
     softmax in float32: no gathered copy of any context;
-  * `create_onednn_mm_handler` + `onednn_mm`: the linear layers' products, oneDNN on a weight the library packs
-    once (faster than torch's own packed oneDNN linear for the skinny products of decoding);
-  * `rms_norm`, `silu_and_mul` and `rotary_embedding` (rotate-half, in place).
+  * `convert_weight_packed` + `weight_packed_linear`: the bfloat16 linear layers' products, on a weight repacked
+    once for AVX512-BF16 (it streams the weights of decoding's skinny products at the memory's rate);
+  * `create_onednn_mm_handler` + `onednn_mm` (+ `release_dnnl_matmul_handler`): the other linear layers' products,
+    oneDNN on a weight the library packs once (faster than torch's own packed oneDNN linear for the skinny products
+    of decoding);
+  * `rms_norm`, `fused_add_rms_norm`, `silu_and_mul` and `rotary_embedding` (rotate-half, in place).
 Everything else is the reference's. The wheel holds three builds of the library; the one loaded is the one
 its own CPU platform code picks: `_C` with AVX-512 and AVX512-BF16, `_C_AVX512` with AVX-512 alone, else
 `_C_AVX2`.
@@ -23,6 +26,7 @@ dims: `HEAD_DIMS`.
 from __future__ import annotations
 
 import importlib.metadata
+import weakref
 from pathlib import Path
 
 import torch
@@ -78,6 +82,11 @@ def load_kernels() -> None:
     _loaded = path
 
 
+def _vnni_packable(out_features: int, in_features: int) -> bool:
+    """The shapes `convert_weight_packed` takes: input features a multiple of 32, output features of 16."""
+    return in_features % 32 == 0 and out_features % 16 == 0
+
+
 def attention_isa(dtype: torch.dtype, block_size: int) -> str:
     """The instruction-set variant of the attention kernels for this cache."""
     if block_size % 32 == 0:
@@ -108,23 +117,46 @@ class VllmCpuOps(ReferenceOps):
         return (num_kv_heads, block_size, head_dim)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
-        """oneDNN through the library's handler, which packs the weight (given as its [in, out] view) and keeps
-        up to `PRIMITIVE_CACHE` compiled primitives by input shape. Measured on the 2-core AVX-512 machine, the
-        same results as the reference's packed linear, 15–40% faster at T = 1 (float32 lm_head, 92544 rows:
-        10.4 against 12.4 ms; a 1280×768 projection: 0.04 against 0.065 ms), equal at T = 32. The library has no
-        op that frees a handler: the packed weight lives as long as the process, like a shard's model."""
+        """bfloat16 weights of the shapes it takes: the library's `weight_packed_linear` on a weight it repacks once
+        (VNNI pairs for AVX512-BF16); measured on the 2-core AVX-512 machine against the oneDNN handler below:
+        1.2–1.5× faster at T = 1 (the lm_head, 92544 × 768: 4.75 against 6.5 ms, i.e. 30 GB/s, the memory's
+        rate), about equal at T = 16–32, 0.94–1.07× from T = 256 on. Else oneDNN through the library's handler,
+        which packs the weight (given as its [in, out] view) and keeps up to `PRIMITIVE_CACHE` compiled
+        primitives by input shape: the same results as the reference's packed linear, 15–40% faster at T = 1
+        (float32 lm_head: 10.4 against 12.4 ms), equal at T = 32; the handler is released with the kernel."""
         if weight.device.type != "cpu" or weight.dtype not in DTYPES:
             return super().linear(weight, bias)
-        handle = torch.tensor(self._kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE), dtype=torch.int64)
-        out_features = weight.shape[0]
+        out_features, in_features = weight.shape
         kernels = self._kernels
+        if weight.dtype == torch.bfloat16 and _vnni_packable(out_features, in_features):
+            packed = kernels.convert_weight_packed(weight.contiguous())
+            bias32 = bias.float() if bias is not None else None  # the op takes a float32 bias
+
+            def vnni_product(x: torch.Tensor) -> torch.Tensor:
+                out = x.new_empty((x.shape[0], out_features))
+                kernels.weight_packed_linear(out, x.contiguous(), packed, bias32, True)
+                return out
+
+            return vnni_product
+        handler = kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE)
+        handle = torch.tensor(handler, dtype=torch.int64)
 
         def product(x: torch.Tensor) -> torch.Tensor:
             out = x.new_empty((x.shape[0], out_features))
             kernels.onednn_mm(out, x.contiguous(), bias, handle)
             return out
 
+        weakref.finalize(product, kernels.release_dnnl_matmul_handler, handler)
         return product
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The library's fused op, in place: residual <- residual + x, x <- RMSNorm(residual) · weight. Both are
+        the model's own intermediates (a layer's output and the residual stream), read by nothing after this."""
+        x, residual = x.contiguous(), residual.contiguous()
+        self._kernels.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
