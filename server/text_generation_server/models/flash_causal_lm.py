@@ -402,7 +402,9 @@ class FlashCausalLM:
         sampling = [row for row in rows if row.samples]
         chosen: dict[int, tuple[int, float, tuple[list[int], list[float]]]] = {}
         if sampling:
-            sample_logits = logits[[where[r.first_row + r.num_tokens - 1] for r in sampling]]
+            sample_rows = [where[r.first_row + r.num_tokens - 1] for r in sampling]
+            # a decode step samples every logits row in order: no copy of the [N, V] scores then
+            sample_logits = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
             next_ids, logprobs = choose_tokens(sample_logits, [r.state.sampler for r in sampling])
             chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
             tops = top_n_tokens(logprobs, [r.state.top_n_tokens for r in sampling])
