@@ -8,9 +8,7 @@ alone, so the `vllm` Python package (and its dependencies) is never imported. Of
   * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
     with or without a cached prefix, decoding requests) reading each context block in place, with an online
     softmax in float32: no gathered copy of any context;
-  * `convert_weight_packed` + `weight_packed_linear`: the bfloat16 linear layers' products, on a weight repacked
-    once for AVX512-BF16 (it streams the weights of decoding's skinny products at the memory's rate);
-  * `create_onednn_mm_handler` + `onednn_mm` (+ `release_dnnl_matmul_handler`): the other linear layers' products,
+  * `create_onednn_mm_handler` + `onednn_mm` (+ `release_dnnl_matmul_handler`): the linear layers' products,
     oneDNN on a weight the library packs once (faster than torch's own packed oneDNN linear for the skinny products
     of decoding);
   * `rms_norm`, `fused_add_rms_norm`, `silu_and_mul` and `rotary_embedding` (rotate-half, in place).
@@ -82,11 +80,6 @@ def load_kernels() -> None:
     _loaded = path
 
 
-def _vnni_packable(out_features: int, in_features: int) -> bool:
-    """The shapes `convert_weight_packed` takes: input features a multiple of 32, output features of 16."""
-    return in_features % 32 == 0 and out_features % 16 == 0
-
-
 def attention_isa(dtype: torch.dtype, block_size: int) -> str:
     """The instruction-set variant of the attention kernels for this cache."""
     if block_size % 32 == 0:
@@ -117,27 +110,19 @@ class VllmCpuOps(ReferenceOps):
         return (num_kv_heads, block_size, head_dim)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
-        """bfloat16 weights of the shapes it takes: the library's `weight_packed_linear` on a weight it repacks once
-        (VNNI pairs for AVX512-BF16); measured on the 2-core AVX-512 machine against the oneDNN handler below:
-        1.2–1.5× faster at T = 1 (the lm_head, 92544 × 768: 4.75 against 6.5 ms, i.e. 30 GB/s, the memory's
-        rate), about equal at T = 16–32, 0.94–1.07× from T = 256 on. Else oneDNN through the library's handler,
-        which packs the weight (given as its [in, out] view) and keeps up to `PRIMITIVE_CACHE` compiled
-        primitives by input shape: the same results as the reference's packed linear, 15–40% faster at T = 1
-        (float32 lm_head: 10.4 against 12.4 ms), equal at T = 32; the handler is released with the kernel."""
+        """oneDNN through the library's handler, which packs the weight (given as its [in, out] view) and keeps
+        up to `PRIMITIVE_CACHE` compiled primitives by input shape. Measured on the 2-core AVX-512 machine, the
+        same results as the reference's packed linear, 15–40% faster at T = 1 (float32 lm_head, 92544 rows:
+        10.4 against 12.4 ms; a 1280×768 projection: 0.04 against 0.065 ms), equal at T = 32. The handler is
+        released with the kernel.
+
+        The library's `weight_packed_linear` (bfloat16 on VNNI-repacked weights) is not used: it is 1.1–3.2×
+        faster at T = 1 but 0.4–0.9× at T = 32 and down to 0.67× at T = 1,024 on internlm2-chat-1_8b's shapes,
+        and taking each where it wins would hold every bfloat16 weight twice."""
         if weight.device.type != "cpu" or weight.dtype not in DTYPES:
             return super().linear(weight, bias)
-        out_features, in_features = weight.shape
+        out_features = weight.shape[0]
         kernels = self._kernels
-        if weight.dtype == torch.bfloat16 and _vnni_packable(out_features, in_features):
-            packed = kernels.convert_weight_packed(weight.contiguous())
-            bias32 = bias.float() if bias is not None else None  # the op takes a float32 bias
-
-            def vnni_product(x: torch.Tensor) -> torch.Tensor:
-                out = x.new_empty((x.shape[0], out_features))
-                kernels.weight_packed_linear(out, x.contiguous(), packed, bias32, True)
-                return out
-
-            return vnni_product
         handler = kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE)
         handle = torch.tensor(handler, dtype=torch.int64)
 
