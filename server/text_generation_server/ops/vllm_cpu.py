@@ -131,7 +131,8 @@ class VllmCpuOps(ReferenceOps):
             kernels.onednn_mm(out, x.contiguous(), bias, handle)
             return out
 
-        weakref.finalize(product, kernels.release_dnnl_matmul_handler, handler)
+        # freed with the kernel (a model dropped in process); at exit the process's memory goes anyway
+        weakref.finalize(product, kernels.release_dnnl_matmul_handler, handler).atexit = False
         return product
 
     def add_rms_norm(
