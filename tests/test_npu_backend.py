@@ -146,7 +146,7 @@ def _described(outputs) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in outputs)
 
 
-def test_the_backend_uses_no_op_that_release_leaves_undocumented(docs):
+def test_npu_backend_uses_no_op_that_release_leaves_undocumented(docs):
     """Names older Ascend ports called are not documented in 2.13.0; the backend calls only documented ones."""
     for old in ("_npu_reshape_and_cache", "_npu_paged_attention"):
         assert not docs.documented(old)
@@ -157,7 +157,7 @@ def test_the_backend_uses_no_op_that_release_leaves_undocumented(docs):
     assert all(docs.documented(op) or docs.signature(op).source == "meta registration" for op in called)
 
 
-def test_the_npu_device_calls_exist_in_the_wheel(docs):
+def test_npu_device_calls_exist_in_the_wheel(docs):
     """device.py's torch.npu calls are in torch_npu.npu's public names."""
     with zipfile.ZipFile(find_wheel(REPO_ROOT)) as wheel:
         tree = ast.parse(wheel.read("torch_npu/npu/__init__.py"))
