@@ -22,6 +22,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream's next value `residual + x` and its normalisation: (normed, residual + x)."""
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's next value `residual + x` and its normalisation: (normed, residual + x). With no
+        residual yet (the first layer's input), x is the stream: (normed x, x)."""
+        if residual is None:
+            return self(x), x
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

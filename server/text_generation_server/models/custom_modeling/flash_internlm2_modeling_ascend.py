@@ -127,10 +127,7 @@ class InternLM2DecoderLayer(nn.Module):
         The residual stream after layer l is residual + hidden; each add happens inside the next norm
         (`add_and_norm`), so a backend can fuse the two. The first layer gets residual None: its input is the
         stream."""
-        if residual is None:
-            normed, residual = self.attention_norm(hidden), hidden
-        else:
-            normed, residual = self.attention_norm.add_and_norm(hidden, residual)
+        normed, residual = self.attention_norm.add_and_norm(hidden, residual)
         attended = self.attention(normed, kv_cache, meta)
         normed, residual = self.ffn_norm.add_and_norm(attended, residual)
         return self.feed_forward(normed), residual

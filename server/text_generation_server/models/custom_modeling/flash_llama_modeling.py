@@ -83,10 +83,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (the MLP's output, the residual stream before it is added), as InternLM2's
         layer: each residual add happens inside the next norm."""
-        if residual is None:
-            normed, residual = self.input_layernorm(hidden), hidden
-        else:
-            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
         attended = self.self_attn(normed, kv_cache, meta)
         normed, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
         return self.mlp(normed), residual
