@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from text_generation_common.sockets import free_port
 
 _BIN = Path(sys.executable).parent
 SERVER_CLI = (
@@ -48,12 +49,6 @@ def torch_blocking_env(env: dict, tmp_path: Path) -> dict:
     (blocker / "torch" / "__init__.py").write_text(f"raise ImportError({TORCH_BLOCKER_MESSAGE!r})\n")
     paths = [str(blocker), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _uds_base(tmp_path: Path) -> Path:

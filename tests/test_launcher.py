@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,17 +21,12 @@ from conftest import make_tiny
 from helpers import internlm2_to_llama
 from transformers import LlamaForCausalLM
 
+from text_generation_common.sockets import free_port
 from text_generation_common.tokenizer import Tokenizer
 
 LAUNCHER = str(Path(sys.executable).with_name("text-generation-launcher"))
 PROMPTS = ["Hello world, this is", "The weather in Shanghai", "1 2 3 4 5 6"]
 NEW_TOKENS = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_mentioning(marker: str) -> list[int]:
@@ -284,8 +279,11 @@ def test_two_servers_on_one_host_never_collide(launch, tiny_internlm2_dir, tmp_p
     first = launch(tiny_internlm2_dir, "--num-shard", "2", default_sockets=True, name="first")
     second = launch(tiny_internlm2_dir, "--num-shard", "2", default_sockets=True, name="second")
     assert first.uds != second.uds
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for served in (first, second):
-        assert "torch.distributed on localhost:" in served.log.read_text()
+        # below the range gloo's pairs and outgoing connections draw from, so none can take it first
+        master_port = int(re.search(r"torch.distributed on localhost:(\d+)", served.log.read_text()).group(1))
+        assert 1024 <= master_port < ephemeral_low
         assert httpx.post(f"{served.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
     started = time.monotonic()

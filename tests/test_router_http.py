@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from text_generation_router.types import (
     RouterLimits,
     Token,
 )
+from text_generation_common.sockets import free_port
 from text_generation_common.tokenizer import Tokenizer
 
 LIMITS = RouterLimits(
@@ -82,12 +82,6 @@ def in_context(tokenizer: Tokenizer, prompt_ids, ids) -> str:
     context = list(prompt_ids[-5:])
     ordinary = [i for i in ids if i not in tokenizer.special_token_ids]
     return tokenizer.decode(context + ordinary)[len(tokenizer.decode(context)) :]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

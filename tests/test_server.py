@@ -34,6 +34,7 @@ from text_generation_server.models.types import (
     Tokens,
 )
 from text_generation_common.pb import generate_pb2 as pb
+from text_generation_common.sockets import free_port
 from text_generation_common.pb import generate_pb2_grpc
 
 KV_FRACTION = 0.002  # of MemAvailable: a few thousand blocks of the tiny model, allocated in milliseconds
@@ -708,12 +709,6 @@ def test_serve_refuses_a_missing_model_dir(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "nowhere" in errors[0] and "ERROR" in errors[0], result.stderr
     assert not (tmp_path / "s-0").exists()
-
-
-def free_port() -> int:
-    with socket_module.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_sharded_ranks_step_together_and_only_rank_0_reports(tiny_internlm2_dir, tmp_path, engine):

@@ -7,6 +7,7 @@ belongs to a running server and is never touched (removing it would cut that ser
 from __future__ import annotations
 
 import errno
+import random
 import socket
 from pathlib import Path
 
@@ -55,8 +56,28 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out for bind(0) and outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A TCP port nothing listens on now, chosen below the kernel's ephemeral range.
+
+    A port that bind(0) returned can be handed out again before its new owner binds it: torch.distributed's
+    gloo pairs and every outgoing connection draw from the ephemeral range. Ports below it are only ever taken
+    by a process that names them, so the one returned stays free until the caller binds it."""
+    low, _ = _ephemeral_port_range()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        try:
+            check_port_free(host, port, "port")
+        except SocketInUse:
+            continue
+        return port
+    raise SocketInUse(f"no free TCP port on {host} below the ephemeral range starting at {low}")

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from text_generation_common.sockets import free_port
+
 from .stats import latency_summary, median
 from .workloads import Prompt, PromptSet, Workloads
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_session():
