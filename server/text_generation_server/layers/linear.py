@@ -99,13 +99,10 @@ class ParallelLMHead(nn.Module):
         block = math.ceil(vocab_size / tp.world_size)
         if weight.shape[0] < block:  # the last rank's block is short when V % world != 0: pad with zero rows
             weight = torch.cat([weight, weight.new_zeros(block - weight.shape[0], weight.shape[1])])
-        self.linear = Linear(weight, None, ops)
+        self.product = ops.logits_linear(weight)
+        self.dtype = weight.dtype
         self.vocab_size = vocab_size
         self.tp = tp
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.linear.dtype
 
     @classmethod
     def load(cls, weights, name: str, vocab_size: int, hidden: int) -> ParallelLMHead:
@@ -115,7 +112,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, V]."""
-        logits = self.linear(hidden).float()
+        logits = self.product(hidden).float()
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
 
 

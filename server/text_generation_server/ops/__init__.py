@@ -107,6 +107,12 @@ class Ops:
         load (a backend may repack the weight and keep only its own copy); the result maps x [T, in] to [T, out]."""
         raise NotImplementedError
 
+    def logits_linear(self, weight: torch.Tensor) -> LinearKernel:
+        """The vocabulary projection (lm_head, weight [V, hidden], no bias), as `linear`. Its x has one row per
+        sequence that chooses a token in the step (never a prompt's every token), so it gets few rows, the
+        largest weight, and a backend may pick the kernel that is fastest there."""
+        return self.linear(weight, None)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, hidden] -> weight * x / sqrt(mean(x²) + eps), same dtype as x."""
         raise NotImplementedError

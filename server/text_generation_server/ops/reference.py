@@ -133,7 +133,7 @@ class ReferenceOps(Ops):
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)  # in place: one [T, inner] result, not two
 
     # ----- attention ------------------------------------------------------------------------------------
 
