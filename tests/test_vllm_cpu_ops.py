@@ -37,11 +37,12 @@ STEPS = {
     "chunks-after-a-prefix": [(17, 5), (64, 3), (31, 33)],  # a later chunk, or a prefix-cache hit
     "decode": [(5, 1), (80, 1), (31, 1), (0, 1)],
     "mixed": [(0, 12), (40, 1), (23, 4), (96, 1)],
+    "several-blocks-of-128": [(0, 150), (130, 9), (300, 1)],
 }
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (8, 8), (8, 1)], ids=["gqa", "mha", "one-kv-head"])
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("step", list(STEPS))
 def test_paged_attention_equals_the_reference(kernels, heads, kv_heads, block_size, dtype, step):
