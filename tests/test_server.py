@@ -34,8 +34,8 @@ from text_generation_server.models.types import (
     Tokens,
 )
 from text_generation_common.pb import generate_pb2 as pb
-from text_generation_common.sockets import free_port
 from text_generation_common.pb import generate_pb2_grpc
+from text_generation_common.sockets import free_port
 
 KV_FRACTION = 0.002  # of MemAvailable: a few thousand blocks of the tiny model, allocated in milliseconds
 BLOCK_SIZE = 16

@@ -87,7 +87,7 @@ def main(
         "CPU when it loads and supports the model, else the pure-PyTorch reference).", "KERNELS",
     ),
     block_size: int = _option(
-        None, "Tokens per KV cache block. Default: the backend's (16 reference, 32 vllm-cpu, 128 npu).", "BLOCK_SIZE",
+        None, "Tokens per KV cache block. Default: the backend's (16 reference, 128 vllm-cpu and npu).", "BLOCK_SIZE",
         min=1,
     ),
     rope_scaling: str = _option(

@@ -113,7 +113,7 @@ def serve(
     ),
     block_size: int = typer.Option(
         None, envvar="BLOCK_SIZE", min=1,
-        help="Tokens per KV cache block; default: the backend's (16 reference, 32 vllm-cpu, 128 npu).",
+        help="Tokens per KV cache block; default: the backend's (16 reference, 128 vllm-cpu and npu).",
     ),
     rope_scaling: str = typer.Option(
         None, envvar="ROPE_SCALING", help="linear or dynamic: replaces the config's rope_scaling."
