@@ -56,13 +56,12 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise
 
 
-def _ephemeral_port_range() -> tuple[int, int]:
-    """The ports the kernel hands out for bind(0) and outgoing connections (Linux; its default elsewhere)."""
+def _ephemeral_port_low() -> int:
+    """The lowest port the kernel hands out for bind(0) and outgoing connections (Linux; its default elsewhere)."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,7 +70,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     A port that bind(0) returned can be handed out again before its new owner binds it: torch.distributed's
     gloo pairs and every outgoing connection draw from the ephemeral range. Ports below it are only ever taken
     by a process that names them, so the one returned stays free until the caller binds it."""
-    low, _ = _ephemeral_port_range()
+    low = _ephemeral_port_low()
     candidates = list(range(max(1024, low - 12000), low))
     random.shuffle(candidates)
     for port in candidates[:200]:
