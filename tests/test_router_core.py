@@ -255,6 +255,35 @@ def test_stack_end_to_end_and_graceful_sigterm(tiny_internlm2_dir, tmp_path):
         stack.close()
 
 
+def router_options(shard_socket, **given) -> dict:
+    """The options `connect_and_warm` reads, as the router's command line would give them."""
+    options = dict(
+        master_shard_uds_path=str(shard_socket), max_input_tokens=64, max_total_tokens=128,
+        max_batch_prefill_tokens=None, max_batch_total_tokens=None, max_concurrent_requests=8, max_best_of=2,
+        max_stop_sequences=4, max_top_n_tokens=5, prefix_caching=True, waiting_served_ratio=0.3,
+        max_waiting_tokens=20, max_client_batch_size=4, disable_grammar_support=False,
+    )
+    return {**options, **given}
+
+
+def test_the_step_budget_defaults_to_2048_on_a_cpu_shard(shard_socket):
+    """Without --max-batch-prefill-tokens a CPU shard gets steps of at most 2048 tokens (capped at the KV
+    capacity); a value given is kept."""
+    from text_generation_router.cli import connect_and_warm, default_max_batch_prefill_tokens
+
+    assert default_max_batch_prefill_tokens("cpu") == 2048
+    assert default_max_batch_prefill_tokens("cuda") == default_max_batch_prefill_tokens("npu") == 4096
+    async def budget(given):
+        client, _, limits, shard = await connect_and_warm(router_options(shard_socket, max_batch_prefill_tokens=given))
+        await client.close()
+        assert shard.device_type == "cpu"
+        return limits.max_batch_prefill_tokens, limits.max_batch_total_tokens
+
+    default, capacity = run(budget(None))
+    assert default == min(2048, capacity)
+    assert run(budget(300))[0] == 300
+
+
 def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_socket, tokenizer):
     """TGI's GET /health, served by uvicorn over the router core: Health alone while all is well; after a failed
     step, a one-token generation goes through the shard before /health answers 200 again."""
@@ -264,15 +293,8 @@ def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_so
     from text_generation_router.api import create_app
     from text_generation_router.cli import build_state, connect_and_warm
 
-    options = dict(
-        master_shard_uds_path=str(shard_socket), max_input_tokens=64, max_total_tokens=128,
-        max_batch_prefill_tokens=None, max_batch_total_tokens=None, max_concurrent_requests=8, max_best_of=2,
-        max_stop_sequences=4, max_top_n_tokens=5, prefix_caching=True, waiting_served_ratio=0.3,
-        max_waiting_tokens=20, max_client_batch_size=4, disable_grammar_support=False,
-    )
-
     async def main():
-        client, _, limits, shard = await connect_and_warm(options)
+        client, _, limits, shard = await connect_and_warm(router_options(shard_socket))
         state = build_state(client, limits, shard, tokenizer, "tiny")
         real_step, steps = client.step, []
 

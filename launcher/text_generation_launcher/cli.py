@@ -57,7 +57,8 @@ def main(
     ),
     max_batch_prefill_tokens: int = _option(
         None, "Tokens one step computes at most: a token for every running request, then prompt chunks; longer "
-        "prompts are prefilled over several steps. Default: 4096 (capped at the KV cache).", "MAX_BATCH_PREFILL_TOKENS"
+        "prompts are prefilled over several steps. Default: 4096, 2048 on CPU (capped at the KV cache).",
+        "MAX_BATCH_PREFILL_TOKENS"
     ),
     max_batch_total_tokens: int = _option(
         None, "Cap on the KV cache tokens the router uses (default: all that warmup found).", "MAX_BATCH_TOTAL_TOKENS"

@@ -10,8 +10,9 @@ stream), then exit 0.
 Defaults derived from the model (stated here because TGI computes some of them in its launcher):
   * --max-total-tokens: min(max_position_embeddings, KV capacity after Warmup, --max-batch-total-tokens);
   * --max-input-tokens: max_total_tokens - 1;
-  * --max-batch-prefill-tokens: 4096 (TGI's), capped at the KV capacity: the tokens one step computes. It may
-    be smaller than --max-input-tokens: longer prompts are prefilled in chunks over several steps;
+  * --max-batch-prefill-tokens: 4096 (TGI's) on accelerators, 2048 on CPU, capped at the KV capacity: the tokens
+    one step computes. It may be smaller than --max-input-tokens: longer prompts are prefilled in chunks over
+    several steps;
   * --max-batch-total-tokens: the KV capacity from Warmup; a smaller value caps what the router uses
     (whole blocks: floor(value / block_size) blocks), which forces preemption in tests;
   * --prefix-caching (env PREFIX_CACHING, default on): share the KV blocks of identical prompt prefixes.
@@ -32,7 +33,13 @@ from loguru import logger
 app = typer.Typer(add_completion=False, help="Router of the InternLM2 inference server (TGI-compatible APIs).")
 
 
-DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096  # TGI's
+def default_max_batch_prefill_tokens(device_type: str) -> int:
+    """The step budget when --max-batch-prefill-tokens is not given: TGI's 4096 on accelerators, 2048 on CPU (as
+    vLLM's CPU backend). A CPU computes a prompt's tokens at a few thousand a second, so a burst of prompts split
+    over steps of 2048 gets its first tokens earlier: measured on the 2-core AVX-512 machine (small preset,
+    bfloat16, 32 simultaneous 128-token prompts, 128 new tokens each), TTFT p50 1.1-1.6 s against 1.8-2.6 s with
+    4096, the same total tokens/s (401-459 against 400-433). Running streams also wait at most one such step."""
+    return 2048 if device_type == "cpu" else 4096
 
 
 class StartupError(Exception):
@@ -64,7 +71,7 @@ def main(
         None, help="Default: min(max_position_embeddings, KV capacity)."
     ),
     max_batch_prefill_tokens: Optional[int] = typer.Option(
-        None, help="Tokens one step computes at most (decode tokens and prompt chunks). Default: 4096."
+        None, help="Tokens one step computes at most (decode tokens and prompt chunks). Default: 4096, 2048 on CPU."
     ),
     max_batch_total_tokens: Optional[int] = typer.Option(
         None, help="Cap on the KV capacity the router uses (default: all of it, from Warmup)."
@@ -141,7 +148,8 @@ async def connect_and_warm(o: dict):
     if user_batch_total is not None and user_total is None:
         warm_total = min(warm_total, user_batch_total)
     warm_input = user_input if user_input is not None else warm_total - 1
-    warm_prefill = user_prefill if user_prefill is not None else DEFAULT_MAX_BATCH_PREFILL_TOKENS
+    default_prefill = default_max_batch_prefill_tokens(info.device_type)
+    warm_prefill = user_prefill if user_prefill is not None else default_prefill
     if warm_input < 1:
         raise StartupError(f"max_total_tokens ({warm_total}) leaves no room for a prompt")
     if warm_prefill < 1:
@@ -162,7 +170,7 @@ async def connect_and_warm(o: dict):
     if user_total is None and user_input is not None:
         total = max(min(total, capacity), user_input + 1)
     max_input = user_input if user_input is not None else total - 1
-    prefill = user_prefill if user_prefill is not None else min(DEFAULT_MAX_BATCH_PREFILL_TOKENS, capacity)
+    prefill = user_prefill if user_prefill is not None else min(default_prefill, capacity)
 
     # TGI's start-up constraints (with chunked prefill: the step budget need not hold a whole prompt)
     if not max_input < total:
