@@ -319,8 +319,10 @@ def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_so
                 assert failed.status_code == 424 and "the shard went away" in failed.json()["error"]
                 assert state.infer.step_failed
                 assert (await http.get("/health")).status_code == 200
-                assert steps[1:] == [[1]] and not state.infer.step_failed  # one step: the one-token probe
-                assert (await http.get("/health")).status_code == 200 and len(steps) == 2  # Health alone again
+                # the failed request's next token was planned with the failed step still out: the shard refused
+                # it (the request never ran there); then the one-token probe
+                assert steps[1:] == [[1], [1]] and not state.infer.step_failed
+                assert (await http.get("/health")).status_code == 200 and len(steps) == 3  # Health alone again
                 answered = await http.post("/generate", json={**body, "parameters": {"max_new_tokens": 3, "details": True}})
                 assert answered.json()["details"]["generated_tokens"] == 3
         finally:

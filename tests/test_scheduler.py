@@ -5,14 +5,19 @@ its plans (tokens, block table, released ids), refuses what the real shard refus
 slot holds — the identity of the whole prefix up to that position and the rotary length it was computed with —
 so a request that reads a slot it did not fill with the same prefix (a wrong prefix-cache hit, a block reused
 while still read, a dynamic-NTK mismatch) fails the test. Its model is deterministic in the whole sequence, so
-a request recomputed after a preemption must produce the same tokens as an undisturbed one.
+a request recomputed after a preemption must produce the same tokens as an undisturbed one. A step with a
+`step_id` is pipelined (planned before the previous step's results were applied): the mirror skips there the
+releases of what it finished in the step before and the plans of what it finished by EOS, nothing else: a
+request planned past max_new_tokens fails the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
+from collections import deque
 
 import pytest
 
@@ -48,6 +53,8 @@ class ShardMirror:
         self.slots: dict[tuple[int, int], tuple] = {}  # (block, offset) -> (prefix identity, rotary length)
         self.steps: list[dict[int, int]] = []  # each step's tokens per request id
         self.finish_at: dict[int, int] = {}  # request id -> token count at which it emits EOS
+        self.finished: dict[int, int] = {}  # request id -> finish reason, in the last step
+        self.skipped = 0  # plans of requests it had finished, in pipelined steps
 
     def _identity(self, request: dict, position: int) -> tuple:
         rope = max(request["prompt_length"], position + 1)
@@ -56,6 +63,13 @@ class ShardMirror:
         return hash(tuple(request["tokens"][: position + 1])), rope
 
     def step(self, plan: pb.StepRequest) -> pb.StepResponse:
+        ended, self.finished = self.finished, {}
+        if plan.step_id:
+            eos = {rid for rid, reason in ended.items() if reason == pb.FINISH_REASON_EOS_TOKEN}
+            kept = [r for r in plan.requests if r.HasField("new_request") or r.id not in eos]
+            self.skipped += len(plan.requests) - len(kept)
+            released = [rid for rid in plan.released if rid not in ended]
+            plan = pb.StepRequest(requests=kept, released=released)
         for rid in plan.released:
             assert rid in self.held, f"released request {rid} is not held"
             del self.held[rid]
@@ -102,6 +116,7 @@ class ShardMirror:
                     generation.finish_reason = pb.FINISH_REASON_EOS_TOKEN
                 if generation.HasField("finish_reason"):
                     del self.held[r.id]
+                    self.finished[r.id] = generation.finish_reason
             if generation.HasField("token_id") or generation.prefill_tokens.ids:
                 generations.append(generation)
         return pb.StepResponse(generations=generations)
@@ -137,6 +152,28 @@ def run(scheduler, shard, max_steps=10_000, before_step=None) -> dict:
             return outputs
         assert plan.num_tokens <= scheduler.config.max_batch_tokens
         for seq, item in scheduler.update(plan, shard.step(plan.to_pb())):
+            outputs.setdefault(seq, []).append(item)
+    raise AssertionError("the scheduler did not finish")
+
+
+def run_pipelined(scheduler, shard, max_steps=10_000, before_step=None) -> dict:
+    """`run` with two steps in flight, as Infer runs them: each plan is made before the last one's results are
+    applied; the mirror runs it at once (a shard runs the steps in order), its results are applied a step later."""
+    outputs: dict = {}
+    in_flight: deque = deque()
+    step_ids = itertools.count(1)
+    for step in range(max_steps):
+        if before_step is not None:
+            before_step(step)
+        while len(in_flight) < 2 and (plan := scheduler.schedule()) is not None:
+            assert plan.num_tokens <= scheduler.config.max_batch_tokens
+            request_pb = plan.to_pb()
+            request_pb.step_id = next(step_ids)
+            in_flight.append((plan, shard.step(request_pb)))
+        if not in_flight:
+            return outputs
+        plan, response = in_flight.popleft()
+        for seq, item in scheduler.update(plan, response):
             outputs.setdefault(seq, []).append(item)
     raise AssertionError("the scheduler did not finish")
 
@@ -460,6 +497,99 @@ def test_many_requests_with_scarce_blocks_and_a_small_budget(tokenizer):
     for seq in seqs:
         assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, seq.request.max_new_tokens)
     assert scheduler.blocks.used_blocks == 0 and not shard.held and scheduler.stats["max_running"] > 3
+
+
+# ----- two steps in flight --------------------------------------------------------------------------------------
+
+
+def test_two_steps_in_flight_give_every_stream_its_undisturbed_tokens(tokenizer):
+    """Chunked prompts, scarce blocks (preemptions) and a shared prefix, with each plan made before the last
+    one's results are in: the same tokens as one step at a time, and every request decodes in every step."""
+    for prefix_caching in (True, False):
+        scheduler, shard = make(tokenizer, num_blocks=16, block_size=4, budget=9, prefix_caching=prefix_caching)
+        system = prompt(7, 8)
+        seqs = [scheduler.submit(request(system + prompt(100 + i, 1 + i % 9), 6 + i % 9)) for i in range(24)]
+        outputs = run_pipelined(scheduler, shard)
+        for seq in seqs:
+            assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, seq.request.max_new_tokens)
+            items = outputs[seq]
+            assert items[-1].end.generated_text == "".join(i.token.text for i in items)
+        assert scheduler.stats["preempted"] > 0 and scheduler.stats["max_running"] > 3
+        assert scheduler.blocks.used_blocks == 0 and not shard.held and shard.skipped == 0
+        assert all(s.pending == 0 for s in seqs)
+
+
+def test_two_steps_in_flight_plan_a_decoding_request_in_every_step(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=256, budget=8)
+    streams = [scheduler.submit(request(prompt(i, 3), 40)) for i in range(4)]
+    outputs = run_pipelined(
+        scheduler, shard, before_step=lambda step: step == 5 and scheduler.submit(request(prompt(30, 100), 2))
+    )
+    for seq in streams:
+        present = [seq.id in step for step in shard.steps]
+        first, last = present.index(True), len(present) - present[::-1].index(True)
+        assert all(present[first:last]), f"stream {seq.id} skipped a step"
+        assert sum(step.get(seq.id, 0) for step in shard.steps) == 3 + 39  # each position once, none past the end
+        assert tokens_of(outputs[seq]) == reference(seq.request.input_ids, 40)
+
+
+def test_two_steps_in_flight_end_by_eos_stop_sequence_and_cancellation(tokenizer):
+    """A request ended by EOS was already planned in the next step: the shard skips it there. One ended by a
+    stop sequence had a token computed in the next step, dropped, and is released in the one after. A request
+    cancelled with two of its steps out is released once they have run. Nothing is left on either side."""
+    scheduler, shard = make(tokenizer)
+    probe = scheduler.submit(request(prompt(70, 4), 12))
+    text = "".join(i.token.text for i in run(scheduler, shard)[probe])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = scheduler.submit(request(prompt(70, 4), 12, stop_sequences=(stop,)))
+    eos = scheduler.submit(request(prompt(71, 4), 12))
+    shard.finish_at[eos.id] = 4 + 3  # the shard's model emits EOS as the 3rd token
+    cancelled = scheduler.submit(request(prompt(72, 4), 12))
+    kept = scheduler.submit(request(prompt(73, 4), 12))
+    outputs = run_pipelined(scheduler, shard, before_step=lambda step: step == 3 and scheduler.cancel(cancelled))
+    end = outputs[stopped][-1].end
+    assert end.finish_reason == "stop_sequence" and stop in end.generated_text
+    assert end.generated_text == "".join(i.token.text for i in outputs[stopped])
+    assert outputs[eos][-1].end.finish_reason == "eos_token" and len(outputs[eos]) == 3
+    assert cancelled.finished and all(i.end is None for i in outputs.get(cancelled, []))
+    assert tokens_of(outputs[kept]) == reference(prompt(73, 4), 12)
+    assert shard.skipped == 1  # eos's next token, planned before its end was known
+    assert not shard.held and scheduler.blocks.used_blocks == 0 and scheduler.schedule() is None
+
+
+def test_two_steps_in_flight_with_prompt_logprobs_and_a_prefix_hit(tokenizer):
+    scheduler, shard = make(tokenizer, num_blocks=64, block_size=4, budget=5)
+    system = prompt(1, 12)
+    first = scheduler.submit(request(system + [11, 12], 5))
+    logprobs = scheduler.submit(request(system + [7], 3, prefill_logprobs=True))
+    outputs = run_pipelined(scheduler, shard)
+    assert [t.id for t in outputs[logprobs][0].prefill] == system + [7]  # gathered over 3 chunks, once
+    assert all(i.prefill is None for i in outputs[logprobs][1:])
+    hits = metrics.prefix_cache_hits._value.get()
+    second = scheduler.submit(request(system + [13], 5))
+    outputs = run_pipelined(scheduler, shard)
+    assert metrics.prefix_cache_hits._value.get() - hits == 12  # registered once their steps had answered
+    for seq in (first, second):
+        assert seq.token_ids[seq.prompt_length :] == reference(seq.request.input_ids, 5)
+
+
+def test_a_failed_step_with_the_next_one_out(tokenizer):
+    """Step k fails while step k + 1, planned with it, is out: k's requests fail, and k + 1's answer (the shard
+    refused what referred to k's new request) changes nothing; the plan after cleans up."""
+    scheduler, shard = make(tokenizer)
+    old = scheduler.submit(request(prompt(80, 5), 20))
+    plan = scheduler.schedule()
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    new = scheduler.submit(request(prompt(81, 5), 20))
+    failed, after = scheduler.schedule(), scheduler.schedule()
+    assert {c.seq for c in after.chunks} == {old, new}
+    outputs = scheduler.fail(failed, GenerationError("the shard went away"))
+    assert {seq for seq, _ in outputs} == {old, new}
+    assert scheduler.fail(after, GenerationError("request not held")) == []
+    plan = scheduler.schedule()
+    assert plan.released == (old.id,) and not plan.chunks  # new was never held by the shard
+    scheduler.update(plan, shard.step(plan.to_pb()))
+    assert not shard.held and scheduler.blocks.used_blocks == 0 and scheduler.schedule() is None
 
 
 # ----- Infer: the loop around the planner --------------------------------------------------------------------

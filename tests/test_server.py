@@ -508,6 +508,44 @@ def test_steps_match_the_engine(stub, engine, allocator, chunk_size):
     assert list(empty.generations) == [] and empty.forward_ns == 0
 
 
+def test_a_pipelined_step_skips_what_the_step_before_finished(stub):
+    """A router plans step k + 1 before it has k's results: a request that ended in step k (here by its length)
+    may still be scheduled or released in k + 1. The shard skips both there, and only there; the request
+    planned with it runs as if alone."""
+    ended = new_request([5, 6, 7], max_new_tokens=1)
+    other = new_request([8, 9, 10, 11], max_new_tokens=2)
+    first = stub.Step(pb.StepRequest(step_id=1, requests=[
+        scheduled_pb(1, 3, [0], ended), scheduled_pb(2, 4, [1], other), scheduled_pb(3, 3, [2], ended),
+    ]))
+    assert {g.request_id: g.HasField("finish_reason") for g in first.generations} == {1: True, 2: False, 3: True}
+    second = stub.Step(pb.StepRequest(step_id=2, released=[3], requests=[scheduled_pb(1, 1), scheduled_pb(2, 1)]))
+    assert [g.request_id for g in second.generations] == [2] and second.generations[0].HasField("finish_reason")
+    # a step later they are unknown again, as they are at once to a step that is not pipelined
+    error = rpc_error(stub.Step, pb.StepRequest(step_id=3, released=[1]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "1" in error.details()
+    again = stub.Step(pb.StepRequest(requests=[scheduled_pb(4, 3, [0], ended)]))
+    assert again.generations[0].HasField("finish_reason")
+    error = rpc_error(stub.Step, pb.StepRequest(released=[4]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "4" in error.details()
+
+
+def test_numbered_steps_run_in_order_and_a_lost_one_is_not_waited_for_long(stub):
+    """Step 2 sent before step 1 still runs after it (it decodes the request step 1 brings); a step whose
+    predecessor never comes runs after a short wait, refused if it refers to what never ran."""
+    request = new_request([5, 6, 7, 8], max_new_tokens=4)
+    with futures.ThreadPoolExecutor(2) as pool:
+        second = pool.submit(stub.Step, pb.StepRequest(step_id=2, requests=[scheduled_pb(1, 1)]))
+        time.sleep(0.3)
+        assert not second.done()
+        first = stub.Step(pb.StepRequest(step_id=1, requests=[scheduled_pb(1, 4, [0], request)]))
+        assert first.generations[0].HasField("token_id")
+        assert second.result(timeout=30).generations[0].HasField("token_id")
+    start = time.monotonic()
+    error = rpc_error(stub.Step, pb.StepRequest(step_id=9, requests=[scheduled_pb(7, 1)]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "7" in error.details()
+    assert 1.0 < time.monotonic() - start < 20
+
+
 def test_release_removes_a_request_and_the_others_continue(stub, engine, allocator):
     requests = some_requests(10, 3, seed=1, max_new_tokens=5)
     driver = Driver(stub, allocator)

@@ -31,6 +31,14 @@ still cached). Their streams just continue: tokens and text live in the Sequence
 
 The shard holds each request from its first step (the plan then carries it whole) until it reports a finish
 (length, EOS) or the router releases it (`StepPlan.released`: a stop sequence, a cancellation, a preemption).
+
+Steps are planned one ahead: `schedule()` may be called again before the last plan's `update()`, so that the
+shard starts the next step as soon as it has run one, while the router applies that one's results. A plan
+therefore applies what the shard will hold once it has run it (computed positions, blocks, the request held)
+when it is made, and `update()` applies only what the step produced (tokens, ends, filled blocks for the prefix
+cache). A request whose next token is still to come counts it as `pending` and decodes again at once: the shard
+knows the token it chose. A request that ends in a step (EOS, a stop sequence) may already be planned in the
+next one: the shard skips it there, and that step's output for it is dropped.
 """
 
 from __future__ import annotations
@@ -74,7 +82,10 @@ class Sequence:
     text: TextStream
     queued_at: float
     token_ids: list[int]  # the prompt, then the generated tokens
-    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_computed: int = 0  # positions computed by the steps planned so far (their keys/values in the cache)
+    num_done: int = 0  # of them, those computed by steps whose results have been applied
+    pending: int = 0  # tokens that planned steps will choose, whose results have not come yet (one per step)
+    lease: int = 0  # counts the times it let go of its blocks: a chunk planned under an older lease is stale
     blocks: list[int] = field(default_factory=list)  # block i holds positions [i·block_size, (i+1)·block_size)
     block_hashes: list[BlockHash] = field(default_factory=list)  # of blocks[: len(block_hashes)], full ones
     prefix_hashes: list[BlockHash] = field(default_factory=list)  # its full blocks before its last token, at admission
@@ -99,12 +110,22 @@ class Sequence:
         return len(self.token_ids) - self.prompt_length
 
     @property
+    def length(self) -> int:
+        """Its tokens once the planned steps have run: the known ones and the pending one."""
+        return len(self.token_ids) + self.pending
+
+    @property
     def uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return self.length - self.num_computed
 
     @property
     def is_decoding(self) -> bool:
-        return self.uncomputed == 1 and self.generated > 0
+        return self.uncomputed == 1 and self.length > self.prompt_length
+
+    @property
+    def has_all_tokens(self) -> bool:
+        """Its last token (max_new_tokens) is known or pending: no step is planned for it any more."""
+        return self.length - self.prompt_length >= self.request.max_new_tokens
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -120,6 +141,13 @@ class Chunk:
     num_tokens: int
     new_blocks: tuple[int, ...]  # blocks the shard's table gains before the step
     new: bool  # the shard does not hold the request: the plan carries it whole
+    chooses: bool  # it reaches the end of the request's tokens: the step chooses the next one
+    lease: int  # the sequence's lease when planned
+
+    @property
+    def decodes(self) -> bool:
+        """One generated token computed (a decode), not a chunk of a prompt or of re-computed tokens."""
+        return self.num_tokens == 1 and self.start >= self.seq.prompt_length
 
 
 @dataclass(frozen=True)
@@ -243,7 +271,7 @@ class Scheduler:
         planned: set[int] = set()
 
         for seq in list(self._running):  # 1. decoding requests: one token each
-            if seq in self._running and seq.is_decoding:
+            if seq in self._running and seq.is_decoding and not seq.has_all_tokens:
                 if self._make_room(seq, 1, planned):
                     chunks.append(self._chunk(seq, 1))
                     planned.add(seq.id)
@@ -254,7 +282,7 @@ class Scheduler:
         for seq in list(self._running):  # 2. running requests still computing their prompt
             if budget == 0:
                 break
-            if seq in self._running and seq.id not in planned:
+            if seq in self._running and seq.id not in planned and not seq.is_decoding:
                 count = self._chunk_size(seq, budget, planned)
                 if count:
                     chunks.append(self._chunk(seq, count))
@@ -280,12 +308,21 @@ class Scheduler:
             return None
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self._running))
-        kind = "decode" if all(c.seq.is_decoding for c in chunks) else "prefill"
+        kind = "decode" if all(c.decodes for c in chunks) else "prefill"
         return StepPlan(tuple(chunks), released, kind)
 
     def _chunk(self, seq: Sequence, count: int) -> Chunk:
-        chunk = Chunk(seq, seq.num_computed, count, tuple(seq.blocks[seq.blocks_on_shard :]), not seq.on_shard)
+        """`count` tokens of `seq` in this step; what the shard holds after it is applied now (see the top)."""
         assert len(seq.blocks) * self.block_size >= seq.num_computed + count, "blocks were made room for"
+        chooses = seq.num_computed + count == seq.length
+        chunk = Chunk(
+            seq, seq.num_computed, count, tuple(seq.blocks[seq.blocks_on_shard :]), not seq.on_shard, chooses,
+            seq.lease,
+        )
+        seq.num_computed += count
+        seq.blocks_on_shard = len(seq.blocks)
+        seq.on_shard = True
+        seq.pending += chooses
         return chunk
 
     def _blocks_short(self, seq: Sequence, count: int) -> int:
@@ -321,6 +358,8 @@ class Scheduler:
         """Start a waiting request with as many tokens as fit (its cached prefix taken); 0 when none fit now."""
         assert not seq.cancelled, "cancel() removes waiting requests"
         assert not seq.blocks and seq.num_computed == 0
+        if seq.pending:  # preempted while its next token was computed: it comes back with that token
+            return 0
         looked_up = self.blocks.prefix_caching and not seq.wants_prompt_logprobs
         if looked_up:
             if not seq.prefix_hashes:  # kept while it waits: its tokens only change once it runs
@@ -355,13 +394,9 @@ class Scheduler:
         seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
 
     def _blocks_being_computed(self) -> set[BlockHash]:
-        """Hashes of the full prompt blocks that running requests have yet to compute (this step's included)."""
-        return {
-            digest
-            for s in self._running
-            if s.uncomputed > 1
-            for digest in s.prefix_hashes[s.num_computed // self.block_size :]
-        }
+        """Hashes of the full prompt blocks that running requests have yet to compute or whose steps have not
+        answered (this step's included): they are registered in the cache once done."""
+        return {digest for s in self._running for digest in s.prefix_hashes[s.num_done // self.block_size :]}
 
     def _prefix_hashes(self, seq: Sequence) -> Iterator[BlockHash]:
         """Hashes of the full blocks a new request could find cached: every full block before its last token."""
@@ -390,10 +425,10 @@ class Scheduler:
         return None
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the blocks `seq` has filled since the last step."""
+        """Register the blocks `seq`'s answered steps have filled since the last one."""
         if not self.blocks.prefix_caching:
             return
-        full = seq.num_computed // self.block_size
+        full = seq.num_done // self.block_size
         while not seq.hashes_stopped and len(seq.block_hashes) < full:
             index = len(seq.block_hashes)
             extra = self._extra_key(seq, index)
@@ -411,15 +446,20 @@ class Scheduler:
     # ----- leaving ----------------------------------------------------------------------------------------
 
     def _retire(self, seq: Sequence) -> None:
-        """`seq` leaves the running set for good (finished, failed or cancelled): its blocks are let go."""
+        """`seq` ends for good (finished, failed or cancelled): its blocks are let go. It is running, or waiting
+        after a preemption that came while its last token was being chosen."""
         seq.finished = True
-        self._running.remove(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
         self._let_go(seq)
 
     def _let_go(self, seq: Sequence) -> None:
         self.blocks.release(seq.blocks)
         seq.blocks, seq.block_hashes, seq.prefix_hashes, seq.hashes_stopped = [], [], [], False
-        seq.num_computed = seq.blocks_on_shard = 0
+        seq.num_computed = seq.num_done = seq.blocks_on_shard = 0
+        seq.lease += 1
         if seq.on_shard:
             self._released.append(seq.id)
             seq.on_shard = False
@@ -430,31 +470,40 @@ class Scheduler:
         seq.preemptions += 1
         self._running.remove(seq)
         self._let_go(seq)
-        if not seq.prefill_sent:
-            seq.prefill = []  # its prompt is computed again from the start, logprobs with it
         # the most recently admitted goes first, so the oldest ends up at the very front
         self._waiting.appendleft(seq)
 
     # ----- results ----------------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, response: Any) -> list[Output]:
-        """Apply a step's results (`response.generations`, rank 0's); the outputs for the requests' streams."""
+        """Apply a step's results (`response.generations`, rank 0's); the outputs for the requests' streams.
+
+        Plans are applied in the order they were made. A request that ended since its chunk was planned gets
+        nothing from it; one preempted since (a stale chunk) still takes the token the step chose."""
         by_id = {g.request_id: g for g in response.generations}
         outputs: list[Output] = []
         for chunk in plan.chunks:
             seq = chunk.seq
+            if seq.finished:
+                continue  # a stop sequence, a cancellation or a failure since it was planned
             generation = by_id.get(seq.id)
-            seq.on_shard = not (generation is not None and generation.HasField("finish_reason"))
-            seq.blocks_on_shard = len(chunk.new_blocks) + (0 if chunk.new else seq.blocks_on_shard)
-            seq.num_computed += chunk.num_tokens
-            self._cache_full_blocks(seq)
+            current = chunk.lease == seq.lease
+            if current:
+                if generation is not None and generation.HasField("finish_reason"):
+                    seq.on_shard = False  # the shard forgot it
+                seq.num_done = chunk.start + chunk.num_tokens
+                self._cache_full_blocks(seq)
+            seq.pending -= chunk.chooses
             if seq.cancelled:
                 continue  # released with the next plan
             if generation is not None and generation.prefill_tokens.ids:
+                # a chunk from position s reports prompt positions s + 1 on (0 on for s = 0): what a chunk from
+                # before a preemption had reported is replaced as the prompt is computed again
+                del seq.prefill[chunk.start + 1 if chunk.start else 0 :]
                 seq.prefill.extend(self._tokens(generation.prefill_tokens))
             if generation is not None and generation.HasField("token_id"):
                 outputs.append((seq, self._next_token(seq, generation)))
-            elif seq.uncomputed == 0:
+            elif chunk.chooses:
                 error = GenerationError(f"the shard computed request {seq.id}'s last token but chose no next one")
                 outputs.append(self._fail(seq, error))
         self._update_gauges()
@@ -507,6 +556,9 @@ class Scheduler:
     def fail(self, plan: StepPlan, error: Exception) -> list[Output]:
         """The step failed: the shards changed nothing, so its releases are due again and its requests fail."""
         self._released.extend(plan.released)
+        for chunk in plan.chunks:
+            if chunk.new and chunk.lease == chunk.seq.lease:
+                chunk.seq.on_shard = False  # its first step never ran: there is nothing to release
         outputs = [self._fail(chunk.seq, error) for chunk in plan.chunks if not chunk.seq.finished]
         self._update_gauges()
         return outputs
@@ -519,7 +571,7 @@ class Scheduler:
         return outputs
 
     def _fail(self, seq: Sequence, error: Exception) -> Output:
-        if seq in self._running:
+        if seq in self._running or seq in self._waiting:
             self._retire(seq)
         seq.finished = True
         return seq, error

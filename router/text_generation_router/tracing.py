@@ -35,7 +35,6 @@ class RequestTracer:
         self.enabled = bool(endpoint)
         self._provider = None
         self._spans: dict[int, tuple[Span, Span | None, Span | None]] = {}  # id -> (generate, queue, infer)
-        self._steps: list[Span] = []  # the spans of the step in flight
         if not self.enabled:
             return
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -60,11 +59,13 @@ class RequestTracer:
         queue = self._tracer.start_span("queue", context=trace.set_span_in_context(generate))
         self._spans[request_id] = (generate, queue, None)
 
-    def step_started(self, chunks: Sequence[Chunk]) -> None:
+    def step_started(self, chunks: Sequence[Chunk]) -> list[Span]:
         """The step about to run: a "decode" span for each request it gives its next token, a "prefill" span
-        for each chunk of known tokens it computes (a prompt, or what a preempted request had generated)."""
+        for each chunk of known tokens it computes (a prompt, or what a preempted request had generated); the
+        spans, for `step_ended`."""
+        spans: list[Span] = []
         if not self.enabled:
-            return
+            return spans
         now = time.time_ns()
         for chunk in chunks:
             seq = chunk.seq
@@ -77,24 +78,21 @@ class RequestTracer:
                     "infer", context=trace.set_span_in_context(generate), start_time=now
                 )
                 self._spans[seq.id] = (generate, None, infer)
-            decoding = seq.generated > 0 and chunk.start == len(seq.token_ids) - 1
             span = self._tracer.start_span(
-                "decode" if decoding else "prefill",
+                "decode" if chunk.decodes else "prefill",
                 context=trace.set_span_in_context(infer),
                 start_time=now,
                 attributes={"tokens": chunk.num_tokens},
             )
-            self._steps.append(span)
+            spans.append(span)
+        return spans
 
-    def step_ended(self, error: BaseException | None = None) -> None:
-        if not self.enabled:
-            return
+    def step_ended(self, spans: list[Span], error: BaseException | None = None) -> None:
         now = time.time_ns()
-        for span in self._steps:
+        for span in spans:
             if error is not None:
                 span.set_status(Status(StatusCode.ERROR, str(error)))
             span.end(end_time=now)
-        self._steps.clear()
 
     def ended(
         self, request_id: int, outcome: str, generated_tokens: int = 0, error: BaseException | None = None

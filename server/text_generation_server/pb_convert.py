@@ -72,6 +72,7 @@ def step_from_pb(pb: generate_pb2.StepRequest) -> Step:
             for r in pb.requests
         ),
         released=tuple(pb.released),
+        pipelined=pb.step_id > 0,
     )
 
 

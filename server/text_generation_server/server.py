@@ -32,6 +32,9 @@ from text_generation_common.pb import generate_pb2, generate_pb2_grpc
 from text_generation_common.sockets import SocketInUse, claim_unix_socket
 
 FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
+# How long step k + 1 waits for step k (StepRequest.step_id). The router sends them a few microseconds apart, so
+# step k is late only when it was lost (its call failed on the router's side); step k + 1 then runs without it.
+STEP_ORDER_WAIT_S = 2.0
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
 
 
@@ -105,9 +108,13 @@ class ModelThread:
 
     def call(self, function, *args):
         """Run `function(*args)` on the model thread; its result or exception comes back to the caller."""
+        return self.submit(function, *args).result()
+
+    def submit(self, function, *args) -> futures.Future:
+        """Queue `function(*args)` for the model thread; the future of its result."""
         future: futures.Future = futures.Future()
         self._work.put((future, function, args))
-        return future.result()
+        return future
 
     def run_until(self, stop: threading.Event) -> None:
         """The model thread's loop: run handed-over calls until `stop` is set, then refuse the rest."""
@@ -147,6 +154,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.rank = rank
         self.world_size = world_size
         self.model_thread = ModelThread()
+        self._step_order = threading.Condition()
+        self._handed_step_ids: set[int] = set()  # the step_ids handed to the model thread since ClearCache
 
     # ----- answered on gRPC's threads, while a model call may run -----------------------------------------
 
@@ -184,6 +193,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     # ----- model calls: run on the model thread, one at a time ---------------------------------------------
 
     def ClearCache(self, request, context):
+        with self._step_order:
+            self._handed_step_ids.clear()  # a router's steps count from 1 after it cleared the shard
         return self.model_thread.call(self._ClearCache, request)
 
     def _ClearCache(self, request):
@@ -212,7 +223,20 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         )
 
     def Step(self, request, context):
-        return self.model_thread.call(self._Step, request)
+        """Handed to the model thread in step_id order (unnumbered steps on arrival). A step whose predecessor
+        is lost runs without it after STEP_ORDER_WAIT_S; the engine refuses it if it refers to what never ran."""
+        step_id = request.step_id
+        with self._step_order:
+            if step_id > 1 and not self._step_order.wait_for(
+                lambda: step_id - 1 in self._handed_step_ids, STEP_ORDER_WAIT_S
+            ):
+                logger.warning(f"step {step_id} runs without step {step_id - 1}, which did not come")
+            if step_id:
+                self._handed_step_ids.add(step_id)
+                self._handed_step_ids.discard(step_id - 64)  # kept small: only the last one is waited for
+            answer = self.model_thread.submit(self._Step, request)
+            self._step_order.notify_all()
+        return answer.result()
 
     def _Step(self, request):
         start = time.perf_counter_ns()

@@ -113,6 +113,7 @@ class FlashCausalLM:
         )
         self.kv_cache: KVCache | None = None
         self.requests: dict[int, RequestState] = {}
+        self.finished_last_step: frozenset[int] = frozenset()  # requests the last step finished (and forgot)
         self.last_forward_ns = 0  # time of the model forward in the last step (device-synchronised)
 
     def _eos_token_ids(self) -> frozenset[int]:
@@ -133,7 +134,7 @@ class FlashCausalLM:
     def allocate_kv_cache(self, num_blocks: int, block_size: int | None = None) -> KVCache:
         """A new cache of `num_blocks` blocks (of `self.block_size` tokens unless given); every request held so
         far is forgotten."""
-        self.requests.clear()
+        self.clear()
         self.kv_cache = None  # drop the old cache before allocating the new one
         c = self.config
         self.kv_cache = self.ops.allocate_kv_cache(
@@ -145,6 +146,7 @@ class FlashCausalLM:
     def clear(self) -> None:
         """Forget every request (the cache's contents stay; the router decides what its blocks hold)."""
         self.requests.clear()
+        self.finished_last_step = frozenset()
 
     def warmup(
         self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int, memory_fraction: float
@@ -218,6 +220,8 @@ class FlashCausalLM:
         The whole plan is checked before anything changes: a bad plan raises ValueError naming the problem and
         leaves the held requests as they were.
         """
+        if step.pipelined:
+            step = self._without(step, self.finished_last_step)
         new_states = self._check(step)
         for request_id in step.released:
             del self.requests[request_id]
@@ -228,6 +232,7 @@ class FlashCausalLM:
             state.block_table.extend(scheduled.new_blocks)
             rows.append(self._row(state, scheduled.num_tokens, first_row))
             first_row += scheduled.num_tokens
+        self.finished_last_step = frozenset()
         if not rows:
             return []
 
@@ -235,7 +240,19 @@ class FlashCausalLM:
         logits, logits_rows = self._forward(rows)
         device_layer.synchronize(self.device)
         self.last_forward_ns = time.perf_counter_ns() - forward_start
-        return self._advance(rows, logits, logits_rows)
+        generations = self._advance(rows, logits, logits_rows)
+        self.finished_last_step = frozenset(g.request_id for g in generations if g.finish_reason is not None)
+        return generations
+
+    @staticmethod
+    def _without(step: Step, finished: frozenset[int]) -> Step:
+        """`step` less the requests in `finished`, scheduled (not as new ones) or released."""
+        if not finished:
+            return step
+        return Step(
+            requests=tuple(r for r in step.requests if r.new is not None or r.id not in finished),
+            released=tuple(r for r in step.released if r not in finished),
+        )
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -73,6 +73,9 @@ class Step:
 
     requests: tuple[ScheduledRequest, ...] = ()
     released: tuple[int, ...] = ()  # requests to forget before the step (finished by the router, cancelled, preempted)
+    # planned before the previous step's results were known: a request that finished in that step is skipped
+    # where it is scheduled or released
+    pipelined: bool = False
 
 
 class FinishReason(enum.IntEnum):
