@@ -273,6 +273,7 @@ def test_the_step_budget_defaults_to_2048_on_a_cpu_shard(shard_socket):
 
     assert default_max_batch_prefill_tokens("cpu") == 2048
     assert default_max_batch_prefill_tokens("cuda") == default_max_batch_prefill_tokens("npu") == 4096
+
     async def budget(given):
         client, _, limits, shard = await connect_and_warm(router_options(shard_socket, max_batch_prefill_tokens=given))
         await client.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import sys
 from collections import deque
 
@@ -571,6 +572,42 @@ def test_two_steps_in_flight_with_prompt_logprobs_and_a_prefix_hit(tokenizer):
     assert metrics.prefix_cache_hits._value.get() - hits == 12  # registered once their steps had answered
     for seq in (first, second):
         assert seq.token_ids[seq.prompt_length :] == reference(seq.request.input_ids, 5)
+
+
+def test_random_workloads_with_two_steps_in_flight(tokenizer):
+    """200 seeded mixes of prompt lengths, budgets, KV sizes, shared prefixes, prompt logprobs, EOS and
+    cancellations, every other one with two steps in flight: each stream is its undisturbed tokens (a cancelled
+    one a prefix of them), prompt logprobs cover the prompt once, and nothing is left held on either side."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        scheduler, shard = make(
+            tokenizer, num_blocks=rng.randint(8, 30), budget=rng.randint(3, 16), prefix_caching=rng.random() < 0.6
+        )
+        system = prompt(seed, rng.randint(0, 10))
+        expected, cancel_at = {}, {}
+        for i in range(rng.randint(1, 12)):
+            tokens, max_new = system + prompt(seed * 31 + i, rng.randint(1, 9)), rng.randint(1, 9)
+            seq = scheduler.submit(request(tokens, max_new, prefill_logprobs=rng.random() < 0.4))
+            expected[seq] = reference(tokens, max_new)
+            if max_new > 1 and rng.random() < 0.25:  # EOS as its k-th token
+                k = rng.randint(1, max_new - 1)
+                shard.finish_at[seq.id] = len(tokens) + k
+                expected[seq] = expected[seq][: k - 1] + [EOS]
+            if rng.random() < 0.15:
+                cancel_at[seq] = rng.randint(0, 10)
+
+        def cancel(step):
+            for seq in [s for s, at in cancel_at.items() if at == step]:
+                scheduler.cancel(seq)
+
+        outputs = (run_pipelined if seed % 2 else run)(scheduler, shard, before_step=cancel)
+        for seq, tokens in expected.items():
+            items = outputs.get(seq, [])
+            got = tokens_of(items)
+            assert got == (tokens[: len(got)] if seq in cancel_at else tokens), f"seed {seed}, request {seq.id}"
+            if items and items[0].prefill is not None:
+                assert [t.id for t in items[0].prefill] == list(seq.request.input_ids), f"seed {seed}"
+        assert scheduler.blocks.used_blocks == 0 and not shard.held, f"seed {seed}"
 
 
 def test_a_failed_step_with_the_next_one_out(tokenizer):

@@ -51,8 +51,9 @@ from text_generation_router.types import (
 # Two: one step running at the shards, the next one waiting there; more would only plan further ahead of what
 # is known, since the router's work for a step is far shorter than the step. Measured on the 2-core AVX-512
 # machine against one at a time, bfloat16 small preset: with the shard on one core and the router on the other,
-# 21.5-25.8 against 26.4-30.6 ms a token at 1 stream, 245-295 against 217-255 tokens/s at 32; with all of them
-# sharing both cores, no difference beyond the host's noise (the router's work then takes the shard's CPU).
+# 21.5-25.8 against 26.4-30.6 ms a token at 1 stream, 245-295 against 217-255 tokens/s at 32. With all of them
+# sharing both cores the router's work takes the shard's CPU instead: bfloat16 within the host's noise, float32
+# 29.6-31.4 against 27.4-28.4 tokens/s at 1 stream.
 STEPS_IN_FLIGHT = 2
 
 # token id 0 is valid in every vocabulary; the probe's text is never decoded for a client
