@@ -12,7 +12,7 @@ router's steps in `step_id` order):
     while True:
         while fewer than STEPS_IN_FLIGHT steps are out and (plan := scheduler.schedule()) is not None:
             send plan.to_pb() to every rank                 # one forward each
-        if none is out: sleep until a request arrives or leaves
+        wait for the oldest step's answer (with room for one more, a request that arrives or leaves wakes it)
         outputs = scheduler.update(oldest plan, its answer)  # or scheduler.fail(plan, error)
         deliver outputs to the requests' streams
 
