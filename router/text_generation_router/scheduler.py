@@ -111,7 +111,7 @@ class Sequence:
 
     @property
     def length(self) -> int:
-        """Its tokens once the planned steps have run: the known ones and the pending one."""
+        """Its tokens once the planned steps have run: the known ones and the pending ones."""
         return len(self.token_ids) + self.pending
 
     @property

@@ -155,7 +155,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.world_size = world_size
         self.model_thread = ModelThread()
         self._step_order = threading.Condition()
-        self._handed_step_ids: set[int] = set()  # the step_ids handed to the model thread since ClearCache
+        self._last_step_id = 0  # the last step_id handed to the model thread since ClearCache
 
     # ----- answered on gRPC's threads, while a model call may run -----------------------------------------
 
@@ -194,7 +194,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
 
     def ClearCache(self, request, context):
         with self._step_order:
-            self._handed_step_ids.clear()  # a router's steps count from 1 after it cleared the shard
+            self._last_step_id = 0  # a router's steps count from 1 after it cleared the shard
         return self.model_thread.call(self._ClearCache, request)
 
     def _ClearCache(self, request):
@@ -228,12 +228,10 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         step_id = request.step_id
         with self._step_order:
             if step_id > 1 and not self._step_order.wait_for(
-                lambda: step_id - 1 in self._handed_step_ids, STEP_ORDER_WAIT_S
+                lambda: self._last_step_id >= step_id - 1, STEP_ORDER_WAIT_S
             ):
                 logger.warning(f"step {step_id} runs without step {step_id - 1}, which did not come")
-            if step_id:
-                self._handed_step_ids.add(step_id)
-                self._handed_step_ids.discard(step_id - 64)  # kept small: only the last one is waited for
+            self._last_step_id = max(self._last_step_id, step_id)
             answer = self.model_thread.submit(self._Step, request)
             self._step_order.notify_all()
         return answer.result()
