@@ -137,7 +137,8 @@ def start_stack(
     timeout: float = 90.0,
     env: dict | None = None,
 ) -> Stack:
-    """Start `num_shard` shards and a router on free ports; returns once GET /health answers 200.
+    """Start `num_shard` shards and a router on free ports; returns once GET /health answers 200 and the router
+    has logged its ready line.
 
     `router_args` are appended to the router's command line (e.g. `["--max-batch-total-tokens", "128"]`),
     `shard_args` to each shard's.
@@ -212,12 +213,16 @@ def start_stack(
                     if process.poll() is not None:
                         raise StackError(f"a shard exited with {process.returncode}:\n{stack.logs()}")
                 try:
-                    if client.get(f"{stack.http_url}/health").status_code == 200:
+                    # HTTP answers a moment before the router has started its gRPC API and logged its ready line
+                    healthy = client.get(f"{stack.http_url}/health").status_code == 200
+                    if healthy and "router ready" in stack.router_log():
                         break
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise StackError(f"/health did not answer 200 within {timeout}s:\n{stack.logs()}")
+                    raise StackError(
+                        f"the router was not ready (/health 200, its ready line) within {timeout}s:\n{stack.logs()}"
+                    )
                 time.sleep(0.1)
         return stack
     except BaseException:
