@@ -316,8 +316,7 @@ class Launcher:
         the others fail their next collective within milliseconds, so one look often finds several."""
         children = [*self.shards, self.router]
         while not self.stop.wait(0.1):
-            exited = [(child, child.poll()) for child in children]
-            exited = [(child, code) for child, code in exited if code is not None]
+            exited = [(child, code) for child in children if (code := child.poll()) is not None]
             for child, code in exited:
                 logger.error(f"{child.name} exited unexpectedly with code {code}: {child.last_error()}")
             if exited:
