@@ -22,7 +22,7 @@ from text_generation_router.block_manager import BlockManager
 from text_generation_router.client import ShardedClient
 from text_generation_router.infer import Infer
 from text_generation_router.scheduler import Scheduler, SchedulerConfig
-from text_generation_router.types import GenerationRequest, SamplingParams
+from text_generation_router.types import GenerationError, GenerationRequest, SamplingParams
 from text_generation_common.tokenizer import Tokenizer
 
 WARMUP = dict(max_input_tokens=64, max_prefill_tokens=512, max_total_tokens=128)
@@ -331,5 +331,45 @@ def test_health_after_a_failed_step_runs_a_generation_through_the_shard(shard_so
             await serving
             await close_core(client, state.infer)
         assert state.infer.scheduler.blocks.used_blocks == 0
+
+    run(main())
+
+
+def test_with_the_shards_failing_every_step_the_loop_pauses_and_recovers(shard_socket, tokenizer, engine):
+    """A shard that fails every step (gone, until the launcher stops the router) is not sent steps in a busy
+    loop: a failed step's releases are due again, so the loop re-sends them only after a pause that grows with
+    each failure. Once steps answer again, the releases go through and requests run as before."""
+    from text_generation_router import infer as infer_module
+
+    async def main():
+        client, scheduler, infer = await open_core(shard_socket, tokenizer)
+        real_step, calls = client.step, {"answered": 0, "failed": 0}
+        shard_gone = asyncio.Event()
+
+        async def step_until_gone(request):
+            if shard_gone.is_set():
+                calls["failed"] += 1
+                raise ConnectionError("the shard went away")
+            calls["answered"] += 1
+            if calls["answered"] == 3:  # the request is on the shard, with blocks to release there
+                shard_gone.set()
+            return await real_step(request)
+
+        client.step = step_until_gone
+        prompt = prompts(1, seed=7)[0]
+        try:
+            with pytest.raises(GenerationError, match="the shard went away"):
+                await infer.generate(greedy(prompt, 16))
+            await asyncio.sleep(1.0)
+            # pauses of 0.05, 0.1, 0.2, 0.4 and 0.8 s: a handful of failures in a second, not thousands
+            assert 2 <= calls["failed"] <= 8, calls
+            assert infer._pause_s() > infer_module.FIRST_PAUSE_AFTER_FAILURE_S
+            shard_gone.clear()
+            tokens, _ = await asyncio.wait_for(infer.generate(greedy(prompt, 4)), 10)
+            assert [t.token.id for t in tokens] == engine_tokens(engine, prompt, 4)
+            assert infer._pause_s() == 0.0
+        finally:
+            await close_core(client, infer)
+        assert scheduler.blocks.used_blocks == 0
 
     run(main())

@@ -531,7 +531,8 @@ def test_a_pipelined_step_skips_what_the_step_before_finished(stub):
 
 def test_numbered_steps_run_in_order_and_a_lost_one_is_not_waited_for_long(stub):
     """Step 2 sent before step 1 still runs after it (it decodes the request step 1 brings); a step whose
-    predecessor never comes runs after a short wait, refused if it refers to what never ran."""
+    predecessor never comes runs after a short wait, refused if it refers to what never ran; steps behind a lost
+    one keep their order."""
     request = new_request([5, 6, 7, 8], max_new_tokens=4)
     with futures.ThreadPoolExecutor(2) as pool:
         second = pool.submit(stub.Step, pb.StepRequest(step_id=2, requests=[scheduled_pb(1, 1)]))
@@ -544,6 +545,15 @@ def test_numbered_steps_run_in_order_and_a_lost_one_is_not_waited_for_long(stub)
     error = rpc_error(stub.Step, pb.StepRequest(step_id=9, requests=[scheduled_pb(7, 1)]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "7" in error.details()
     assert 1.0 < time.monotonic() - start < 20
+    # two steps behind lost ones (10 and 11), the later one sent first: each waits its own while, yet 12, which
+    # brings the request, still goes before 13, which decodes it
+    later = new_request([9, 10, 11], max_new_tokens=4)
+    with futures.ThreadPoolExecutor(2) as pool:
+        thirteenth = pool.submit(stub.Step, pb.StepRequest(step_id=13, requests=[scheduled_pb(8, 1)]))
+        time.sleep(0.3)
+        twelfth = pool.submit(stub.Step, pb.StepRequest(step_id=12, requests=[scheduled_pb(8, 3, [1], later)]))
+        assert twelfth.result(timeout=30).generations[0].HasField("token_id")
+        assert thirteenth.result(timeout=30).generations[0].HasField("token_id")
 
 
 def test_release_removes_a_request_and_the_others_continue(stub, engine, allocator):

@@ -100,6 +100,8 @@ class ShardedClient:
                     f"shard {rank} {method} failed ({code}): {e.details()}", code=code, method=method
                 ) from None
 
+        if len(self._stubs) == 1:  # one rank: awaited here, without a task of its own for every call
+            return [await one(0, self._stubs[0])]
         results = await asyncio.gather(*(one(r, s) for r, s in enumerate(self._stubs)), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -14,7 +14,7 @@ router's steps in `step_id` order):
             send plan.to_pb() to every rank                 # one forward each
         wait for the oldest step's answer (with room for one more, a request that arrives or leaves wakes it)
         outputs = scheduler.update(oldest plan, its answer)  # or scheduler.fail(plan, error)
-        deliver outputs to the requests' streams
+        deliver outputs to the requests' streams             # after a failed step, pause before planning again
 
 `stream()` takes a concurrency slot and queues the request at once: it raises OverloadedError (or
 GenerationError for a request that can never fit the KV cache) before any iteration. Closing the iterator
@@ -55,6 +55,13 @@ from text_generation_router.types import (
 # sharing both cores the router's work takes the shard's CPU instead: bfloat16 within the host's noise, float32
 # 29.6-31.4 against 27.4-28.4 tokens/s at 1 stream.
 STEPS_IN_FLIGHT = 2
+
+# After a failed step the loop pauses before it plans again: with the shards gone (until the launcher stops the
+# router) every step fails at once, and the releases of a failed step are due again, so without a pause the
+# loop would re-send them as fast as they fail. The pause doubles with each failure in a row, up to the longest;
+# an answered step ends it.
+FIRST_PAUSE_AFTER_FAILURE_S = 0.05
+LONGEST_PAUSE_AFTER_FAILURE_S = 1.0
 
 # token id 0 is valid in every vocabulary; the probe's text is never decoded for a client
 HEALTH_PROBE = GenerationRequest(
@@ -131,6 +138,7 @@ class Infer:
         self._step_ids = itertools.count(1)  # the shards run the steps in this order (they were cleared at start)
         self._last_answer = 0.0  # time.monotonic() of the last step's answer
         self.step_failed = False  # a step failed since the last health check that went through the shards
+        self._failures_in_a_row = 0  # steps that failed since the last answered one
 
     # ----- the loop -------------------------------------------------------------------------------------
 
@@ -167,7 +175,7 @@ class Infer:
                     # the steps still out are answered as usual: their requests have ended, so nothing is applied
                     outputs = self.scheduler.shutdown(GenerationError(f"internal router error: {type(e).__name__}: {e}"))
                 self._deliver(outputs)
-                await asyncio.sleep(0)  # let the front ends read what was delivered
+                await asyncio.sleep(self._pause_s())  # let the front ends read what was delivered
         finally:  # stopped: the requests of the steps still out are failed by stop()
             for sent in in_flight:
                 sent.call.cancel()
@@ -187,6 +195,12 @@ class Infer:
             woken.cancel()
         return bool(in_flight) and in_flight[0].call.done()
 
+    def _pause_s(self) -> float:
+        """Seconds before the loop plans again: none after an answered step, else the pause after failures."""
+        if not self._failures_in_a_row:
+            return 0.0
+        return min(FIRST_PAUSE_AFTER_FAILURE_S * 2 ** (self._failures_in_a_row - 1), LONGEST_PAUSE_AFTER_FAILURE_S)
+
     def _send(self, plan: StepPlan) -> _SentStep:
         """Start one plan on the shards (every rank); its answer is awaited by `_answered`."""
         metrics.batch_inference_count.labels(plan.kind).inc()
@@ -204,11 +218,13 @@ class Infer:
         except Exception as e:  # noqa: BLE001 - anything from the transport fails the step's requests
             metrics.batch_inference_failure.labels(method).inc()
             self.step_failed = True
+            self._failures_in_a_row += 1
             error = e if isinstance(e, RouterError) else GenerationError(f"{type(e).__name__}: {e}")
             logger.error(f"step failed ({len(sent.plan.chunks)} requests): {error}")
             self.tracer.step_ended(sent.spans, error)
             return self.scheduler.fail(sent.plan, error)
         self.tracer.step_ended(sent.spans)
+        self._failures_in_a_row = 0
         now = time.monotonic()
         # from when the shards could start it: its sending, or the answer of the step it waited behind
         started, self._last_answer = max(sent.sent_at, self._last_answer), now

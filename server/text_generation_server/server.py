@@ -156,6 +156,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self.model_thread = ModelThread()
         self._step_order = threading.Condition()
         self._last_step_id = 0  # the last step_id handed to the model thread since ClearCache
+        self._steps_waiting: set[int] = set()  # step_ids that arrived and wait for their predecessor
 
     # ----- answered on gRPC's threads, while a model call may run -----------------------------------------
 
@@ -224,17 +225,35 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
 
     def Step(self, request, context):
         """Handed to the model thread in step_id order (unnumbered steps on arrival). A step whose predecessor
-        is lost runs without it after STEP_ORDER_WAIT_S; the engine refuses it if it refers to what never ran."""
+        is lost runs without it after STEP_ORDER_WAIT_S (those behind it keep their order); the engine refuses it
+        if it refers to what never ran."""
         step_id = request.step_id
         with self._step_order:
-            if step_id > 1 and not self._step_order.wait_for(
-                lambda: self._last_step_id >= step_id - 1, STEP_ORDER_WAIT_S
-            ):
-                logger.warning(f"step {step_id} runs without step {step_id - 1}, which did not come")
+            if step_id > 1:
+                self._wait_for_predecessor(step_id)
             self._last_step_id = max(self._last_step_id, step_id)
             answer = self.model_thread.submit(self._Step, request)
             self._step_order.notify_all()
         return answer.result()
+
+    def _wait_for_predecessor(self, step_id: int) -> None:
+        """Wait (holding `_step_order`) until step `step_id - 1` has been handed over. A predecessor that has
+        arrived and is itself waiting is waited for as long as it takes: it goes at its own deadline at the
+        latest, so steps behind a lost one still go in their order."""
+        self._steps_waiting.add(step_id)
+        deadline = time.monotonic() + STEP_ORDER_WAIT_S
+        try:
+            while self._last_step_id < step_id - 1:
+                if step_id - 1 in self._steps_waiting:
+                    self._step_order.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning(f"step {step_id} runs without step {step_id - 1}, which did not come")
+                    return
+                self._step_order.wait(remaining)
+        finally:
+            self._steps_waiting.discard(step_id)
 
     def _Step(self, request):
         start = time.perf_counter_ns()
