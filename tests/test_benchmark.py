@@ -53,6 +53,8 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     step = w["decode_step"]
     assert step["ours_engine"]["step_ms"] > 0 and step["ours_served"]["step_ms"] > 0
     assert "fraction" in step["overhead"]
+    cpu = step["ours_served"]["cpu_ms_per_step"]  # in /proc's 10 ms ticks: a smoke run's few steps may read 0
+    assert set(cpu) == {"router", "clients"} and all(ms >= 0 for ms in cpu.values())
 
     f = results["features"]
     prefix = f["prefix_cache"]
@@ -79,6 +81,7 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert len(peer_targets) == 2 and all(targets[name]["value"] is None for name in peer_targets)
     assert len(targets) == 7 and all(t["value"] is not None for n, t in targets.items() if n not in peer_targets)
     assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout
+    assert "CPU time per served decode step, ms: router" in stdout
 
 
 def test_an_earlier_commit_is_measured_by_its_own_benchmark_in_the_same_run(tmp_path):

@@ -153,6 +153,9 @@ def table(results: dict) -> str:
     breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
     if breakdown:
         out += "\n\nDecode step overhead, ms: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in breakdown.items())
+    cpu = w.get("decode_step", {}).get("ours_served", {}).get("cpu_ms_per_step")
+    if cpu:
+        out += "\n\nCPU time per served decode step, ms: " + ", ".join(f"{k} {_f(v, 2)}" for k, v in cpu.items())
     out += _waves_table(results)
     out += _compare_table(results.get("compare"))
     out += _features_table(results.get("features", {}))

@@ -167,6 +167,17 @@ class ServedStack(ServerProcess):
                 found[f"shard-{sum(name.startswith('shard') for name in found)}"] = int(entry.name)
         return found
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system, all threads) so far of the router and of this process, whose event loop
+        runs the benchmark's clients. /proc's clock ticks are 10 ms: read over runs of seconds."""
+        pids = {"router": self.processes()["router"], "clients": os.getpid()}
+        ticks = os.sysconf("SC_CLK_TCK")
+        seconds = {}
+        for name, pid in pids.items():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+        return seconds
+
     def close(self) -> None:
         super().close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
@@ -277,9 +288,9 @@ class ServedStack(ServerProcess):
         stream's last token. Per stream, step time = window / tokens that arrived inside it; the median over
         the streams. The router's counters of the shard calls over the whole run give the shard-side split.
         """
-        before = self.metrics()
+        before, cpu_before = self.metrics(), self.cpu_seconds()
         _, _, results = self.drive(prompts, len(prompts))
-        after = self.metrics()
+        cpu_after, after = self.cpu_seconds(), self.metrics()
         _check_counts(results, prompts)
         joined = max(r["arrivals"][0] for r in results)
         leaving = min(r["arrivals"][-1] for r in results)
@@ -294,6 +305,9 @@ class ServedStack(ServerProcess):
         calls = delta.get("tgi_batch_inference_duration_count:decode", 0.0)
         if calls:
             out["shard_decode_calls"] = calls
+            # what the router and the clients took of the cores the shard computes on, per decode call (their
+            # work is per token; the shard's own CPU time would count the run's prefill too)
+            out["cpu_ms_per_step"] = {name: 1000 * (cpu_after[name] - cpu_before[name]) / calls for name in cpu_after}
             out["shard_call_ms"] = 1000 * delta["tgi_batch_inference_duration_sum:decode"] / calls
             for kind in ("forward", "decode"):
                 key = f"tgi_batch_{kind}_duration_sum:decode"
