@@ -82,6 +82,7 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert len(targets) == 7 and all(t["value"] is not None for n, t in targets.items() if n not in peer_targets)
     assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout
     assert "CPU time per served decode step, ms: router" in stdout
+    assert set(w["decode_b1"]["ours_served"]["cpu_ms_per_token"]) == {"router", "clients"}
 
 
 def test_an_earlier_commit_is_measured_by_its_own_benchmark_in_the_same_run(tmp_path):

@@ -175,7 +175,7 @@ class Infer:
                     # the steps still out are answered as usual: their requests have ended, so nothing is applied
                     outputs = self.scheduler.shutdown(GenerationError(f"internal router error: {type(e).__name__}: {e}"))
                 self._deliver(outputs)
-                await asyncio.sleep(self._pause_s())  # let the front ends read what was delivered
+                await asyncio.sleep(self._pause_s())  # the front ends read what was delivered (see _pause_s)
         finally:  # stopped: the requests of the steps still out are failed by stop()
             for sent in in_flight:
                 sent.call.cancel()

@@ -156,6 +156,9 @@ def table(results: dict) -> str:
     cpu = w.get("decode_step", {}).get("ours_served", {}).get("cpu_ms_per_step")
     if cpu:
         out += "\n\nCPU time per served decode step, ms: " + ", ".join(f"{k} {_f(v, 2)}" for k, v in cpu.items())
+    cpu = w.get("decode_b1", {}).get("ours_served", {}).get("cpu_ms_per_token")
+    if cpu:
+        out += "\n\nCPU time per served batch-1 token, ms: " + ", ".join(f"{k} {_f(v, 3)}" for k, v in cpu.items())
     out += _waves_table(results)
     out += _compare_table(results.get("compare"))
     out += _features_table(results.get("features", {}))

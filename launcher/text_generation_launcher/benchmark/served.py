@@ -252,14 +252,18 @@ class ServedStack(ServerProcess):
 
     def decode(self, prompt: Prompt, repeats: int) -> dict:
         runs = []
+        cpu_before = self.cpu_seconds()
         for _ in range(repeats):
             _, end, (r,) = self.drive([prompt], 1)
             t = r["arrivals"]
             runs.append({"decode_tok_s": (len(t) - 1) / (t[-1] - t[0]), "e2e_tok_s": len(t) / (end - r["sent"]),
                          "ttft_ms": (t[0] - r["sent"]) * 1000})
+        cpu_after = self.cpu_seconds()
         _check_counts([r], [prompt])
         out = {key: median(x[key] for x in runs) for key in runs[0]}
         out.update(prompt_tokens=len(prompt.ids), new_tokens=prompt.max_new_tokens, repeats=repeats)
+        tokens = repeats * prompt.max_new_tokens
+        out["cpu_ms_per_token"] = {name: 1000 * (cpu_after[name] - cpu_before[name]) / tokens for name in cpu_after}
         return out
 
     def prefill(self, prompt: Prompt, repeats: int) -> dict:
