@@ -177,6 +177,22 @@ def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias, shape):
     torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def test_bfloat16_linears_on_a_cpu_whose_onednn_refuses_bfloat16_use_torchs_product(kernels, monkeypatch):
+    """On an AVX2-only CPU oneDNN refuses bfloat16 weights (packing them raises): both backends then take
+    F.linear. Simulated here by reporting no bfloat16 support; on such a CPU it is what runs anyway."""
+    from text_generation_server.ops import reference
+
+    float32_only = lambda dtype: dtype == torch.float32  # noqa: E731
+    monkeypatch.setattr(reference, "onednn_supports", float32_only)
+    monkeypatch.setattr(vllm_cpu, "onednn_supports", float32_only)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", None)  # called, it would raise TypeError
+    weight, bias = torch.randn(100, 70).bfloat16(), torch.randn(100).bfloat16()
+    x = torch.randn(5, 70).bfloat16()
+    expected = torch.nn.functional.linear(x, weight, bias)
+    for ops in (ReferenceOps(), kernels):
+        torch.testing.assert_close(ops.linear(weight, bias)(x), expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_equals_the_reference_on_views_of_the_projection(kernels, dtype):
     tokens, heads, kv_heads = 7, 8, 2

@@ -178,11 +178,20 @@ class ReferenceOps(Ops):
         return out
 
 
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's products take `dtype` on this CPU: float32 always, bfloat16 only with AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT; on an AVX2-only CPU (AMD Zen 3, say) oneDNN refuses bfloat16 weights."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _onednn_packable(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
+        and onednn_supports(weight.dtype)
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
 
