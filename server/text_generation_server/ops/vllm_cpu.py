@@ -128,8 +128,8 @@ class VllmCpuOps(ReferenceOps):
         (`logits_linear`): on the other layers it is 1.1–3.2× faster at T = 1 but 0.4–0.9× at T = 32 and down
         to 0.67× at T = 1,024 on internlm2-chat-1_8b's shapes, and taking each where it wins would hold every
         bfloat16 weight twice."""
-        if weight.device.type != "cpu" or weight.dtype not in DTYPES or not onednn_supports(weight.dtype):
-            return super().linear(weight, bias)  # bfloat16 on an AVX2-only CPU: the reference's product
+        if weight.device.type != "cpu" or not onednn_supports(weight.dtype):
+            return super().linear(weight, bias)  # float16, or bfloat16 on an AVX2-only CPU: the reference's product
         out_features = weight.shape[0]
         kernels = self._kernels
         handler = kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE)
