@@ -8,11 +8,13 @@ alone, so the `vllm` Python package (and its dependencies) is never imported. Of
   * `get_scheduler_metadata` + `cpu_attention_with_kv_cache`: attention of a whole ragged batch (prompt chunks
     with or without a cached prefix, decoding requests) reading each context block in place, with an online
     softmax in float32: no gathered copy of any context;
-  * `create_onednn_mm_handler` + `onednn_mm` (+ `release_dnnl_matmul_handler`): the linear layers' products,
-    oneDNN on a weight the library packs once (faster than torch's own packed oneDNN linear for the skinny products
-    of decoding);
-  * `convert_weight_packed` + `weight_packed_linear`: the bfloat16 lm_head's product, on a weight repacked once
-    for AVX512-BF16 (faster than oneDNN for the lm_head's few rows, slower for the other layers' many);
+  * `convert_weight_packed` + `weight_packed_linear`: bfloat16 products on a CPU with AVX512-BF16, on a weight
+    repacked once in VNNI pairs: the lm_head's, and those of the layers with at most `PACKED_MAX_IN_FEATURES`
+    input features (faster than oneDNN at batch-1 decoding, level with it at 32 rows, behind it on long
+    reductions);
+  * `create_onednn_mm_handler` + `onednn_mm` (+ `release_dnnl_matmul_handler`): the other linear layers'
+    products, oneDNN on a weight the library packs once (faster than torch's own packed oneDNN linear for the
+    skinny products of decoding);
   * `rms_norm`, `fused_add_rms_norm` and `rotary_embedding` (rotate-half, in place).
 Not its `silu_and_mul`: on this project's 2-core AVX-512 machine it was 2.6–4× slower than the reference's SiLU
 and in-place product ([4096, 4096] bfloat16, a 32-prompt prefill: 14.3 against 5.4 ms a layer).
@@ -41,6 +43,7 @@ VERSION = "0.32.0"  # the kernels' signatures are internal to vLLM: only this ve
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = (torch.float32, torch.bfloat16)  # the ones tested against the reference (the kernels also take fp16)
 PRIMITIVE_CACHE = 32  # oneDNN primitives a linear's handler keeps, one per input shape class (vLLM's value)
+PACKED_MAX_IN_FEATURES = 2048  # bfloat16 linears with more input features keep oneDNN (see VllmCpuOps.linear)
 
 
 class KernelsUnavailable(BackendUnavailable):
@@ -118,18 +121,46 @@ class VllmCpuOps(ReferenceOps):
         return (num_kv_heads, block_size, head_dim)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
-        """oneDNN through the library's handler, which packs the weight (given as its [in, out] view) and keeps
-        up to `PRIMITIVE_CACHE` compiled primitives by input shape. Measured on the 2-core AVX-512 machine, the
-        same results as the reference's packed linear, 15–40% faster at T = 1 (float32 lm_head, 92544 rows:
-        10.4 against 12.4 ms; a 1280×768 projection: 0.04 against 0.065 ms), equal at T = 32. The handler is
-        released with the kernel.
+        """bfloat16 on a CPU with AVX512-BF16, of the shapes the VNNI-packed kernel takes and at most
+        `PACKED_MAX_IN_FEATURES` input features: `_packed_linear`; else `_onednn_linear`.
 
-        The library's `weight_packed_linear` (bfloat16 on VNNI-repacked weights) runs the lm_head alone
-        (`logits_linear`): on the other layers it is 1.1–3.2× faster at T = 1 but 0.4–0.9× at T = 32 and down
-        to 0.67× at T = 1,024 on internlm2-chat-1_8b's shapes, and taking each where it wins would hold every
-        bfloat16 weight twice."""
+        Measured on the 2-core AVX-512 machine (no AMX), bfloat16, each product alone, VNNI-packed against
+        oneDNN: with up to 2,048 input features 1.08-1.5x at T = 1 (the small preset's batch-1 decode 1.05-1.2x
+        faster in process), 0.98-1.05x at T = 8-32, 0.9-1.01x at T = 512 (small preset and
+        internlm2-chat-1_8b shapes); with more input features it falls behind as soon as T grows (4096 x 14336
+        at T = 32: 0.40x; 2048 x 8192: 0.64x), and those keep oneDNN. One kernel per weight: holding a weight in
+        both layouts, to take each where it wins, would double the model's memory."""
+        out_features, in_features = weight.shape
+        if self._packable(weight) and in_features <= PACKED_MAX_IN_FEATURES:
+            return self._packed_linear(weight, bias)
         if weight.device.type != "cpu" or not onednn_supports(weight.dtype):
             return super().linear(weight, bias)  # float16, or bfloat16 on an AVX2-only CPU: the reference's product
+        return self._onednn_linear(weight, bias)
+
+    def logits_linear(self, weight: torch.Tensor) -> LinearKernel:
+        """The lm_head's product: the VNNI-packed kernel whatever its input features, where it takes the shape
+        (see `linear`). With the lm_head's few rows it beats oneDNN, measured on the 2-core AVX-512 machine on
+        the vocabulary of 92544: at 1-8 rows 1.2-1.6x (hidden 768: 4.5 against 5.7 ms at 1 row; hidden 2048:
+        12.6 against 18.8 ms), at 16-64 rows 0.92-1.09x."""
+        if self._packable(weight):
+            return self._packed_linear(weight, None)
+        return self.linear(weight, None)
+
+    @staticmethod
+    def _packable(weight: torch.Tensor) -> bool:
+        """bfloat16 on a CPU with AVX512-BF16, input features a multiple of 32 and output features of 16."""
+        out_features, in_features = weight.shape
+        return (
+            weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _HAS_AVX512_BF16
+            and in_features % 32 == 0 and out_features % 16 == 0
+        )
+
+    def _onednn_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        """oneDNN through the library's handler, which packs the weight (given as its [in, out] view) and keeps
+        up to `PRIMITIVE_CACHE` compiled primitives by input shape. Measured on the 2-core AVX-512 machine, the
+        same results as the reference's packed linear, 15-40% faster at T = 1 (float32 lm_head, 92544 rows:
+        10.4 against 12.4 ms; a 1280x768 projection: 0.04 against 0.065 ms), equal at T = 32. The handler is
+        released with the kernel."""
         out_features = weight.shape[0]
         kernels = self._kernels
         handler = kernels.create_onednn_mm_handler(weight.t(), PRIMITIVE_CACHE)
@@ -144,23 +175,16 @@ class VllmCpuOps(ReferenceOps):
         weakref.finalize(product, kernels.release_dnnl_matmul_handler, handler).atexit = False
         return product
 
-    def logits_linear(self, weight: torch.Tensor) -> LinearKernel:
-        """bfloat16 on a CPU with AVX512-BF16: the library's `weight_packed_linear` on the weight repacked once
-        in VNNI pairs (it takes input features a multiple of 32 and output features of 16); else `linear`. With
-        the lm_head's few rows it beats the oneDNN handler, measured on the 2-core AVX-512 machine on the
-        vocabulary of 92544: at 1–8 rows 1.2–1.6× (hidden 768: 4.5 against 5.7 ms at 1 row; hidden 2048: 12.6
-        against 18.8 ms), at 16–64 rows 0.92–1.09×. The other layers keep oneDNN (see `linear`): their products
-        get the many rows of batched decoding and prefill."""
-        out_features, in_features = weight.shape
-        packable = in_features % 32 == 0 and out_features % 16 == 0
-        if not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packable and _HAS_AVX512_BF16):
-            return self.linear(weight, None)
+    def _packed_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        """The library's `weight_packed_linear` on the weight repacked once in VNNI pairs (`_packable` shapes)."""
+        out_features = weight.shape[0]
         kernels = self._kernels
         packed = kernels.convert_weight_packed(weight.contiguous())
+        bias = None if bias is None else bias.float()  # the kernel adds a float32 bias before rounding
 
         def product(x: torch.Tensor) -> torch.Tensor:
             out = x.new_empty((x.shape[0], out_features))
-            kernels.weight_packed_linear(out, x.contiguous(), packed, None, True)
+            kernels.weight_packed_linear(out, x.contiguous(), packed, bias, True)
             return out
 
         return product
