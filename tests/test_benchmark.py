@@ -32,7 +32,7 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[dict, str]:
 
 
 def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
-    results, stdout = run_benchmark(tmp_path, "--baseline", "transformers")
+    results, stdout = run_benchmark(tmp_path, "--baseline", "transformers", "--wave-rounds", "2")
     w = results["workloads"]
 
     for name, key in (("decode_b1", "decode_tok_s"), ("prefill", "prefill_tok_s")):
@@ -74,13 +74,15 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
         assert ours["streams"] == int(level) and ours["generated_tokens"] == int(level) * 4  # SMOKE wave_new
         assert ours["throughput_tok_s"] > 0 and ours["ttft_p50_ms"] > 0
         assert ours["prompt_tokens_reported"] == [8]  # every prompt has exactly wave_prompt tokens
+        rounds = ours["rounds_tok_s"]  # two rounds; the cell holds the figures of the lower median one
+        assert len(rounds) == 2 and ours["throughput_tok_s"] == min(rounds)
         assert entry["ratios"] == {"vs_vllm": None, "vs_llama_server": None}  # peers not run
 
     targets = {t["name"]: t for t in results["targets"]}
     peer_targets = {name for name in targets if "vLLM" in name or "llama-server" in name}
     assert len(peer_targets) == 2 and all(targets[name]["value"] is None for name in peer_targets)
     assert len(targets) == 7 and all(t["value"] is not None for n, t in targets.items() if n not in peer_targets)
-    assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout
+    assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout and "median of 2 rounds" in stdout
     assert "CPU time per served decode step, ms: router" in stdout
     assert set(w["decode_b1"]["ours_served"]["cpu_ms_per_token"]) == {"router", "clients"}
 

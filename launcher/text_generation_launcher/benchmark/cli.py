@@ -57,6 +57,7 @@ def main(
     concurrency: str = typer.Option(None, help="Concurrent streams of the mixed workload, comma-separated (default 1,8,32)."),
     requests: int = typer.Option(None, help="Requests per concurrency level (default 32; at least the concurrency)."),
     wave_concurrency: str = typer.Option(None, help="Streams of each wave against the peers, comma-separated (default 1,8,32)."),
+    wave_rounds: int = typer.Option(None, help="Times every engine's waves are run, the engines in turn; each cell is the median round (default 3, --smoke 1)."),
     seed: int = typer.Option(0, help="Seed of the prompts and output lengths."),
     baseline: str = typer.Option(",".join(PEERS), help="Engines to measure ours against, each run when installed: transformers, vllm, llama.cpp."),
     skip_baseline: bool = typer.Option(False, help="Measure no other engine (same as an empty --baseline)."),
@@ -80,6 +81,8 @@ def main(
         raise typer.BadParameter("--preset must be small or 1_8b")
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter("--dtype must be float32 or bfloat16")
+    if wave_rounds is not None and wave_rounds < 1:
+        raise typer.BadParameter(f"--wave-rounds must be at least 1, got {wave_rounds}")
     try:
         baselines = () if skip_baseline else parse_baselines(baseline)
     except ValueError as error:
@@ -121,7 +124,8 @@ def main(
         run_served(results, run, internlm2_dir, prompts)
     peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
     if not skip_waves:
-        run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths)
+        run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths,
+                        wave_rounds or (1 if smoke else 3))
     if "llama.cpp" in peers:
         run_llama_cpp_engine(results, run, llama_dir, prompts, paths)
     if not skip_features:
@@ -282,8 +286,10 @@ def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
 
 
 def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Path, prompts, peers: list[str],
-                    paths: PeerPaths) -> None:
-    """Ours, then each installed peer, on the same waves, one server at a time."""
+                    paths: PeerPaths, rounds: int) -> None:
+    """Ours, then each installed peer, on the same waves, one server at a time; `rounds` times over, the engines
+    in turn, so that a host whose speed drifts over minutes slows every engine alike. Each cell keeps the
+    figures of its median round (by total tokens/s) and every round's tokens/s."""
     workloads = run.workloads
     max_input, max_total = workloads.wave_prompt + 4, workloads.wave_prompt + workloads.wave_new + 8
     top = max(workloads.wave_concurrency)
@@ -293,26 +299,40 @@ def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Pat
     if "llama.cpp" in peers:
         gguf = peers_mod.gguf_for(paths, llama_dir, run.dtype, _log)
         starters["llama_server"] = lambda log: peers_mod.start_llama_server(paths, gguf, run.dtype, top, max_total, log)
-    for who, start in starters.items():
-        _log(f"wave: starting {who}")
-        log_path = run.out / f"wave-{who}.log"
-        try:
-            server = start(log_path)
+    measured: dict[tuple[str, str], list[dict]] = {}  # (level, engine) -> the figures of each round
+    for round_number in range(1, rounds + 1):
+        for who, start in list(starters.items()):
+            _log(f"wave: starting {who}" + (f" (round {round_number} of {rounds})" if rounds > 1 else ""))
             try:
-                results["engines"][f"wave_{who}"] = server.info
-                for level, figures in peers_mod.run_waves(server, prompts.wave_warmup, prompts.waves, _log).items():
-                    results["workloads"]["wave"][level][who] = figures
-            finally:
-                server.close()
-        except RuntimeError as error:
-            if who == "ours_served":
-                raise
-            # a peer that cannot serve this model (vLLM's CPU attention refuses some head sizes, say) is
-            # reported, and the other engines are still measured
-            _log(f"  {who} failed: {str(error).splitlines()[0]} (log: {log_path})")
-            results["engines"][f"wave_{who}"] = {"failed": str(error)[-2000:], "log": str(log_path)}
-            for entry in results["workloads"]["wave"].values():
-                entry.pop(who, None)
+                for level, figures in _waves_of(who, start, results, run, prompts).items():
+                    measured.setdefault((level, who), []).append(figures)
+            except RuntimeError as error:
+                if who == "ours_served":
+                    raise
+                # a peer that cannot serve this model (vLLM's CPU attention refuses some head sizes, say) is
+                # reported, and the other engines are still measured
+                log_path = run.out / f"wave-{who}.log"
+                _log(f"  {who} failed: {str(error).splitlines()[0]} (log: {log_path})")
+                results["engines"][f"wave_{who}"] = {"failed": str(error)[-2000:], "log": str(log_path)}
+                del starters[who]
+                for level in list(measured):
+                    if level[1] == who:
+                        del measured[level]
+    for (level, who), runs in measured.items():
+        by_speed = sorted(runs, key=lambda figures: figures["throughput_tok_s"])
+        median_round = by_speed[(len(by_speed) - 1) // 2]  # the lower median of an even count
+        results["workloads"]["wave"][level][who] = {
+            **median_round, "rounds_tok_s": [figures["throughput_tok_s"] for figures in runs]}
+
+
+def _waves_of(who: str, start, results: dict, run: Run, prompts) -> dict[str, dict]:
+    """One engine's server started, every wave run on it, the server stopped; the figures by wave level."""
+    server = start(run.out / f"wave-{who}.log")
+    try:
+        results["engines"][f"wave_{who}"] = server.info
+        return peers_mod.run_waves(server, prompts.wave_warmup, prompts.waves, _log)
+    finally:
+        server.close()
 
 
 def run_llama_cpp_engine(results: dict, run: Run, llama_dir: Path, prompts, paths: PeerPaths) -> None:
