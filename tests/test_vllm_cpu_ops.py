@@ -165,7 +165,7 @@ def test_logits_linear_equals_the_reference(kernels, dtype, tokens, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("shape", [(320, 192), (100, 70)], ids=["aligned", "odd"])
+@pytest.mark.parametrize("shape", [(320, 192), (96, 2080), (100, 70)], ids=["aligned", "long-reduction", "odd"])
 def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias, shape):
     out_features, in_features = shape
     weight = torch.randn(out_features, in_features).to(dtype)
@@ -175,6 +175,26 @@ def test_linear_equals_the_reference(kernels, dtype, tokens, with_bias, shape):
     got = kernels.linear(weight, bias)(x)
     assert got.shape == (tokens, out_features) and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_bfloat16_linears_take_the_packed_kernel_up_to_the_longest_reduction_it_is_used_for(kernels, monkeypatch):
+    """On a CPU with AVX512-BF16, the VNNI-packed kernel for aligned bfloat16 weights with at most
+    PACKED_MAX_IN_FEATURES input features; oneDNN for longer ones, for float32 and for odd shapes."""
+    packed_shapes = []
+    take_packed = vllm_cpu.VllmCpuOps._packed_linear
+
+    def recording(self, weight, bias):
+        packed_shapes.append(tuple(weight.shape))
+        return take_packed(self, weight, bias)
+
+    monkeypatch.setattr(vllm_cpu.VllmCpuOps, "_packed_linear", recording)
+    longest = vllm_cpu.PACKED_MAX_IN_FEATURES
+    for shape, dtype in [((64, longest), torch.bfloat16), ((64, longest + 32), torch.bfloat16),
+                         ((64, 256), torch.float32), ((100, 70), torch.bfloat16)]:
+        kernels.linear(torch.randn(*shape).to(dtype), None)
+    kernels.logits_linear(torch.randn(64, longest + 32).bfloat16())  # the lm_head: whatever its input features
+    expected = [(64, longest), (64, longest + 32)] if vllm_cpu._HAS_AVX512_BF16 else []
+    assert packed_shapes == expected
 
 
 def test_bfloat16_linears_on_a_cpu_whose_onednn_refuses_bfloat16_use_torchs_product(kernels, monkeypatch):

@@ -130,8 +130,7 @@ class VllmCpuOps(ReferenceOps):
         internlm2-chat-1_8b shapes); with more input features it falls behind as soon as T grows (4096 x 14336
         at T = 32: 0.40x; 2048 x 8192: 0.64x), and those keep oneDNN. One kernel per weight: holding a weight in
         both layouts, to take each where it wins, would double the model's memory."""
-        out_features, in_features = weight.shape
-        if self._packable(weight) and in_features <= PACKED_MAX_IN_FEATURES:
+        if self._packable(weight) and weight.shape[1] <= PACKED_MAX_IN_FEATURES:
             return self._packed_linear(weight, bias)
         if weight.device.type != "cpu" or not onednn_supports(weight.dtype):
             return super().linear(weight, bias)  # float16, or bfloat16 on an AVX2-only CPU: the reference's product
