@@ -44,6 +44,7 @@ test: stubs
 	$(BIN)/python -m pytest -q tests
 
 # Our server against transformers on the same random-weight model (small preset, float32); ~16 min on 2 busy cores.
+# With the peers installed (scripts/install_peers.sh) their waves are run too: ~9 min more (3 rounds, the engines in turn).
 # Options: make bench BENCH_ARGS="--dtype bfloat16" (or --preset 1_8b, --concurrency 1,8,32, --requests N).
 # Installs nothing: the plot needs the `bench` extra (pip install -e '.[bench]'), the table and JSON do not.
 bench: stubs
