@@ -299,13 +299,14 @@ def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Pat
     if "llama.cpp" in peers:
         gguf = peers_mod.gguf_for(paths, llama_dir, run.dtype, _log)
         starters["llama_server"] = lambda log: peers_mod.start_llama_server(paths, gguf, run.dtype, top, max_total, log)
-    measured: dict[tuple[str, str], list[dict]] = {}  # (level, engine) -> the figures of each round
+    results["meta"]["wave_rounds"] = rounds
+    measured: dict[str, dict[str, list[dict]]] = {}  # engine -> wave level -> the figures of each round
     for round_number in range(1, rounds + 1):
         for who, start in list(starters.items()):
             _log(f"wave: starting {who}" + (f" (round {round_number} of {rounds})" if rounds > 1 else ""))
             try:
                 for level, figures in _waves_of(who, start, results, run, prompts).items():
-                    measured.setdefault((level, who), []).append(figures)
+                    measured.setdefault(who, {}).setdefault(level, []).append(figures)
             except RuntimeError as error:
                 if who == "ours_served":
                     raise
@@ -315,14 +316,13 @@ def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Pat
                 _log(f"  {who} failed: {str(error).splitlines()[0]} (log: {log_path})")
                 results["engines"][f"wave_{who}"] = {"failed": str(error)[-2000:], "log": str(log_path)}
                 del starters[who]
-                for level in list(measured):
-                    if level[1] == who:
-                        del measured[level]
-    for (level, who), runs in measured.items():
-        by_speed = sorted(runs, key=lambda figures: figures["throughput_tok_s"])
-        median_round = by_speed[(len(by_speed) - 1) // 2]  # the lower median of an even count
-        results["workloads"]["wave"][level][who] = {
-            **median_round, "rounds_tok_s": [figures["throughput_tok_s"] for figures in runs]}
+                measured.pop(who, None)
+    for who, levels in measured.items():
+        for level, runs in levels.items():
+            by_speed = sorted(runs, key=lambda figures: figures["throughput_tok_s"])
+            median_round = by_speed[(len(by_speed) - 1) // 2]  # the lower median of an even count
+            results["workloads"]["wave"][level][who] = {
+                **median_round, "rounds_tok_s": [figures["throughput_tok_s"] for figures in runs]}
 
 
 def _waves_of(who: str, start, results: dict, run: Run, prompts) -> dict[str, dict]:

@@ -185,8 +185,7 @@ def _waves_table(results: dict) -> str:
                                     ("tpot_p50_ms", "time per token p50 ms", 1)):
             ratios = (_f(r.get("vs_vllm"), 2) + "x", _f(r.get("vs_llama_server"), 2) + "x") if key == "throughput_tok_s" else ("", "")
             rows.append((level, metric, *(_f(entry.get(who, {}).get(key), digits) for who, _ in WAVE_ENGINES), *ratios))
-    rounds = max((len(figures.get("rounds_tok_s", ())) for entry in waves.values() for figures in entry.values()
-                  if isinstance(figures, dict)), default=1)
+    rounds = results["meta"].get("wave_rounds", 1)
     each = f", each cell the median of {rounds} rounds (the engines in turn)" if rounds > 1 else ""
     out = (f"\n\nWaves: C simultaneous streaming /v1/completions requests, {w['wave_prompt']}-token prompts, "
            f"{w['wave_new']} new tokens each, temperature 0, ignore_eos{each}:\n") + _grid(rows)
