@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(sys.executable).with_name("text-generation-benchmark")
 
 
@@ -73,6 +75,7 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
         ours = entry["ours_served"]
         assert ours["streams"] == int(level) and ours["generated_tokens"] == int(level) * 4  # SMOKE wave_new
         assert ours["throughput_tok_s"] > 0 and ours["ttft_p50_ms"] > 0
+        assert ours["ttft_mean_ms"] == pytest.approx(ours["ttft_p50_ms"])  # of one or two streams, the same
         assert ours["prompt_tokens_reported"] == [8]  # every prompt has exactly wave_prompt tokens
         rounds = ours["rounds_tok_s"]  # two rounds; the cell holds the figures of the lower median one
         assert len(rounds) == 2 and ours["throughput_tok_s"] == min(rounds)
@@ -83,6 +86,7 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert len(peer_targets) == 2 and all(targets[name]["value"] is None for name in peer_targets)
     assert len(targets) == 7 and all(t["value"] is not None for n, t in targets.items() if n not in peer_targets)
     assert "Targets" in stdout and "results.json" in stdout and "Waves" in stdout and "median of 2 rounds" in stdout
+    assert "TTFT mean ms" in stdout
     assert "CPU time per served decode step, ms: router" in stdout
     assert set(w["decode_b1"]["ours_served"]["cpu_ms_per_token"]) == {"router", "clients"}
 

@@ -182,7 +182,7 @@ def _waves_table(results: dict) -> str:
     for level, entry in sorted(waves.items(), key=lambda kv: int(kv[0])):
         r = entry.get("ratios", {})
         for key, metric, digits in (("throughput_tok_s", "total tokens/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
-                                    ("tpot_p50_ms", "time per token p50 ms", 1)):
+                                    ("ttft_mean_ms", "TTFT mean ms", 0), ("tpot_p50_ms", "time per token p50 ms", 1)):
             ratios = (_f(r.get("vs_vllm"), 2) + "x", _f(r.get("vs_llama_server"), 2) + "x") if key == "throughput_tok_s" else ("", "")
             rows.append((level, metric, *(_f(entry.get(who, {}).get(key), digits) for who, _ in WAVE_ENGINES), *ratios))
     rounds = results["meta"].get("wave_rounds", 1)
