@@ -173,6 +173,25 @@ def test_logprobs_top_n_and_prefill_tokens(model):
     assert result.prefill.logprobs[1:] == pytest.approx(whole.prefill.logprobs[1:], abs=1e-5)
 
 
+def test_logprobs_are_skipped_only_where_not_wanted(model):
+    """token_logprobs False: the same tokens, NaN logprobs; with top tokens asked the logprobs are there anyway.
+    The three requests share each step, so a log-softmax over some rows of a batch is checked too."""
+    prompts = random_prompts(3, seed=11)
+    runner = LocalRunner(model, chunk_size=64)
+    runner.add(new_request(prompts[0], 5))
+    runner.add(new_request(prompts[1], 5, token_logprobs=False))
+    runner.add(new_request(prompts[2], 5, token_logprobs=False, top_n_tokens=2))
+    while runner.running:
+        runner.step()
+    asked, skipped, top = (runner.results[i] for i in range(3))
+    assert skipped.token_ids == alone(model, prompts[1], 5).token_ids
+    assert all(math.isnan(logprob) for logprob in skipped.logprobs) and not any(skipped.top_tokens)
+    assert all(logprob <= 0 for logprob in asked.logprobs + top.logprobs)
+    for token, logprob, alternatives in zip(top.token_ids, top.logprobs, top.top_tokens):
+        assert alternatives.ids[0] == token and alternatives.logprobs[0] == logprob
+    assert top.logprobs == pytest.approx(alone(model, prompts[2], 5).logprobs, abs=1e-5)
+
+
 def test_stops_on_every_eos_id_and_reports_why(model):
     prompt = random_prompts(1, seed=11)[0]
     free_run = alone(model, prompt, 10).token_ids

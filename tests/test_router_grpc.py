@@ -168,7 +168,7 @@ def test_generate_defaults_and_token_details(stub, api, tokenizer):
     request = infer.requests[-1]
     assert request.max_new_tokens == 20  # TGIS's default
     # ranks come from the top tokens: the shard is asked for the most it may send
-    assert request.prefill_logprobs and request.top_n_tokens == LIMITS.max_top_n_tokens
+    assert request.prefill_logprobs and request.top_n_tokens == LIMITS.max_top_n_tokens and request.token_logprobs
     ids = fake_ids(tokenizer.encode(PROMPTS[0]), 20)
     assert response.text == PROMPTS[0] + expected_text(tokenizer, PROMPTS[0], 20)
     assert [t.text for t in response.tokens] == [tokenizer.id_to_token(i) for i in ids]
@@ -242,6 +242,7 @@ def test_stop_sequences_truncation_and_sampling(stub, api, tokenizer):
     assert sampled.input_token_count == 3 and sent.input_ids == tuple(tokenizer.encode(PROMPTS[0])[-3:])
     assert sampled.seed == 1234 and sent.parameters.do_sample and sent.parameters.top_k == 5
     assert sent.parameters.temperature == pytest.approx(0.7)
+    assert not sent.token_logprobs  # not asked for in its response options
 
     # a max_new_tokens past the sequence limit is cut to fit: TOKEN_LIMIT
     limited = stub.Generate(

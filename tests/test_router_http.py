@@ -523,6 +523,23 @@ def test_chat_prompt_is_internlm2_format_with_one_bos(server, http):
     assert "<|im_start|>user\nHello there<|im_end|>" in render_chat(tokenizer, parts)
 
 
+def test_the_shard_is_asked_for_token_logprobs_only_where_a_route_reports_them(server, http):
+    """TGI's routes always report each token's logprob; OpenAI's only when asked, or to rank best_of's candidates."""
+    cases = [
+        ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, True),
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}, False),
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "logprobs": 0}, True),
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "best_of": 2, "temperature": 1.0}, True),
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "n": 2, "best_of": 2, "temperature": 1.0}, False),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}, False),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "logprobs": True}, True),
+    ]
+    for route, body, wanted in cases:
+        r = http.post(route, json=body)
+        assert r.status_code == 200, (route, body, r.text)
+        assert server.infer.requests[-1].token_logprobs is wanted, (route, body)
+
+
 def test_missing_or_broken_template_is_422(server, http):
     tokenizer = server.tokenizer
     saved = tokenizer.chat_template

@@ -1,4 +1,4 @@
-"""TokenSampler, process, choose_tokens and top_n_tokens: their definitions, and transformers' processors."""
+"""TokenSampler, process, choose_tokens, chosen_logprobs and top_n_tokens: their definitions, and transformers' processors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ from transformers import (
 
 from text_generation_server.models.types import SamplingParameters
 from text_generation_server.utils import sampling
-from text_generation_server.utils.sampling import TokenSampler, choose_tokens, process, top_n_tokens
+from text_generation_server.utils.sampling import (
+    TokenSampler,
+    choose_tokens,
+    chosen_logprobs,
+    process,
+    top_n_tokens,
+)
 
 CPU = torch.device("cpu")
 V = 128  # small vocabulary for the semantic tests
@@ -48,12 +54,31 @@ def with_seed(params: SamplingParameters, seed: int) -> SamplingParameters:
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = random_logits(4)
-    next_ids, logprobs = choose_tokens(logits, samplers([SamplingParameters()] * 4))
+    next_ids, scores = choose_tokens(logits, samplers([SamplingParameters()] * 4))
     assert next_ids.dtype == torch.int64 and next_ids.shape == (4,)
-    assert logprobs.dtype == torch.float32 and logprobs.shape == (4, V)
+    assert scores.dtype == torch.float32 and scores.shape == (4, V)
     assert torch.equal(next_ids, logits.argmax(-1))
-    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1))
-    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(4))
+    torch.testing.assert_close(scores, logits)  # plain greedy rows: nothing to process
+    chosen = chosen_logprobs(scores, next_ids, [True] * 4, [0] * 4)
+    expected = torch.log_softmax(logits, -1).gather(1, next_ids[:, None]).squeeze(1)
+    assert [logprob for logprob, _ in chosen] == pytest.approx(expected.tolist())
+    assert all(top == ([], []) for _, top in chosen)
+
+
+def test_logprobs_only_for_the_rows_that_want_them():
+    """A row that wants neither its logprob nor top tokens gets NaN and none; the others get exactly what a
+    log-softmax of the whole batch gives them."""
+    logits = random_logits(4)
+    next_ids, scores = choose_tokens(logits, samplers([SamplingParameters()] * 4))
+    full = torch.log_softmax(scores, -1)
+    chosen = chosen_logprobs(scores, next_ids, [True, False, True, False], [0, 3, 2, 0])
+    assert math.isnan(chosen[1][0]) and math.isnan(chosen[3][0])
+    assert chosen[1][1] == ([], []) and chosen[3][1] == ([], [])
+    for row in (0, 2):
+        assert chosen[row][0] == full[row, next_ids[row]].item()
+    assert chosen[2][1] == top_n_tokens(full[2:3], [2])[0] and chosen[0][1] == ([], [])
+    nothing = chosen_logprobs(scores, next_ids, [False] * 4, [0] * 4)
+    assert all(math.isnan(logprob) and top == ([], []) for logprob, top in nothing)
 
 
 def test_plain_greedy_sampler_holds_no_generator_nor_counts():
@@ -109,10 +134,10 @@ def test_top_k_one_with_sampling_equals_greedy():
     rows = samplers([SamplingParameters(do_sample=True, top_k=1, seed=s) for s in range(8)])
     for step in range(5):
         logits = random_logits(8, seed=step)
-        next_ids, logprobs = choose_tokens(logits, rows)
+        next_ids, scores = choose_tokens(logits, rows)
         assert torch.equal(next_ids, logits.argmax(-1))
         # Only the kept token has probability: its logprob is 0.
-        assert torch.allclose(logprobs.gather(1, next_ids[:, None]), torch.zeros(8, 1))
+        assert torch.allclose(torch.log_softmax(scores, -1).gather(1, next_ids[:, None]), torch.zeros(8, 1))
 
 
 # ---------------------------------------------------------------------------------------------- warpers
@@ -263,7 +288,8 @@ def test_logprobs_are_normalized_for_every_kind_of_row():
               SamplingParameters(top_k=3, temperature=0.5),
               SamplingParameters(top_p=0.5, repetition_penalty=1.2),
               SamplingParameters(typical_p=0.5, frequency_penalty=0.7)]
-    next_ids, logprobs = choose_tokens(random_logits(5), samplers(params))
+    next_ids, scores = choose_tokens(random_logits(5), samplers(params))
+    logprobs = torch.log_softmax(scores, -1)
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(5))
     # The chosen token is always one the processors kept.
     assert torch.isfinite(logprobs.gather(1, next_ids[:, None])).all()

@@ -343,6 +343,14 @@ def test_prompt_logprobs_requests_compute_their_whole_prompt(tokenizer):
     assert all(i.prefill is None for i in items[1:])
 
 
+def test_a_plan_carries_whether_each_new_request_wants_its_token_logprobs(tokenizer):
+    scheduler, _ = make(tokenizer)
+    scheduler.submit(request(prompt(1, 5), 2))
+    scheduler.submit(request(prompt(2, 5), 2, token_logprobs=False))
+    new = [r.new_request for r in scheduler.schedule().to_pb().requests]
+    assert [n.omit_token_logprobs for n in new] == [False, True]
+
+
 def test_shared_blocks_survive_the_end_cancellation_and_preemption_of_one_holder(tokenizer):
     scheduler, shard = make(tokenizer, num_blocks=64, block_size=4)
     system = prompt(3, 8)

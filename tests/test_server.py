@@ -171,6 +171,7 @@ def new_request_pb(new: NewRequest) -> pb.NewRequest:
         ),
         prefill_logprobs=new.prefill_logprobs,
         top_n_tokens=new.top_n_tokens,
+        omit_token_logprobs=not new.token_logprobs,
     )
 
 

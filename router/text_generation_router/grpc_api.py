@@ -205,7 +205,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # logprobs (which TGI's HTTP streams refuse) are fine here.
         request = validation.validate(text, parameters, add_special_tokens=True, stream=False)
         request = dataclasses.replace(
-            request, top_n_tokens=options.internal_top_n, grammar=self._guided_grammar(params.decoding)
+            request, top_n_tokens=options.internal_top_n, grammar=self._guided_grammar(params.decoding),
+            token_logprobs=response.token_logprobs or response.token_ranks,  # a rank compares the logprobs
         )
         return _Plan(text=text, request=request, max_is_token_limit=max_new_tokens < requested)
 

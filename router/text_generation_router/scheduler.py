@@ -186,6 +186,7 @@ def _scheduled_pb(chunk: Chunk) -> pb.ScheduledRequest:
                 ),
                 prefill_logprobs=seq.wants_prompt_logprobs,
                 top_n_tokens=r.top_n_tokens,
+                omit_token_logprobs=not r.token_logprobs,
                 grammar=r.grammar,
             )
         )

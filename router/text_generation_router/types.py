@@ -51,6 +51,7 @@ class GenerationRequest:
     ignore_eos_token: bool = False
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    token_logprobs: bool = True  # each chosen token's logprob is reported (else None, unless top_n_tokens > 0)
     grammar: str = ""  # constrained decoding: an llguidance grammar, checked to compile ("" for none)
     shown_special_ids: frozenset[int] = frozenset()  # special tokens whose text the output keeps (else "")
 

@@ -152,9 +152,11 @@ class Validation:
         add_special_tokens: bool = True,
         stream: bool = False,
         max_top_n_tokens: int | None = None,
+        token_logprobs: bool = True,
     ) -> GenerationRequest:
         """Raise `ValidationError` or return the request to queue. `stream`: the request streams tokens.
-        `max_top_n_tokens`: the route's own cap on top_n_tokens (OpenAI's 20), instead of --max-top-n-tokens."""
+        `max_top_n_tokens`: the route's own cap on top_n_tokens (OpenAI's 20), instead of --max-top-n-tokens.
+        `token_logprobs`: the route reports each chosen token's logprob (TGI's always do)."""
         start = time.perf_counter()
         p = parameters if parameters is not None else GenerateParameters.absent()
         self._check_modes(p, stream)
@@ -193,6 +195,7 @@ class Validation:
             stop_sequences=tuple(p.stop),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=p.decoder_input_details,
+            token_logprobs=token_logprobs,
             grammar=self.tgi_grammar(p.grammar) if p.grammar is not None else "",
         )
         metrics.request_validation_duration.observe(time.perf_counter() - start)

@@ -57,6 +57,7 @@ def new_request_from_pb(pb: generate_pb2.NewRequest) -> NewRequest:
         prefill_logprobs=pb.prefill_logprobs,
         top_n_tokens=pb.top_n_tokens,
         grammar=pb.grammar,
+        token_logprobs=not pb.omit_token_logprobs,
     )
 
 

@@ -346,7 +346,8 @@ class OpenAIRoutes:
             top_n_tokens=body.top_logprobs if body.logprobs else None,
         )
         request = self.validation.validate(
-            prompt, params, add_special_tokens=False, stream=body.stream, max_top_n_tokens=MAX_TOP_LOGPROBS
+            prompt, params, add_special_tokens=False, stream=body.stream, max_top_n_tokens=MAX_TOP_LOGPROBS,
+            token_logprobs=bool(body.logprobs),
         )
         request = self.with_openai_sampling(request, body)
         if choice is not None:
@@ -494,6 +495,8 @@ class OpenAIRoutes:
                 add_special_tokens=True,
                 stream=body.stream,
                 max_top_n_tokens=MAX_COMPLETION_LOGPROBS,
+                # best_of (more candidates than n) ranks them by their tokens' mean logprob
+                token_logprobs=body.logprobs is not None or candidates > (body.n or 1),
             )
             out.append(self.validation.choices(self.with_openai_sampling(request, body), candidates))
         return out

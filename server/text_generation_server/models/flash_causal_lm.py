@@ -34,7 +34,7 @@ from text_generation_server.models.types import (
 from text_generation_server.ops import AttentionMetadata, KVCache, select_ops
 from text_generation_server.utils.dist import SINGLE_RANK, TensorParallelGroup
 from text_generation_server.utils.constraint import GrammarConstraint
-from text_generation_server.utils.sampling import TokenSampler, choose_tokens, top_n_tokens
+from text_generation_server.utils.sampling import TokenSampler, choose_tokens, chosen_logprobs
 from text_generation_common.grammar import GrammarCompiler, GrammarError
 from text_generation_common.tokenizer import Tokenizer
 from text_generation_server.utils.weights import Weights, weight_files
@@ -53,6 +53,12 @@ class RequestState:
     stopping: StoppingParameters
     prefill_logprobs: bool
     top_n_tokens: int
+    token_logprobs: bool
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether its chosen tokens' logprobs are computed (asked for, or needed for its top tokens)."""
+        return self.token_logprobs or self.top_n_tokens > 0
 
     @property
     def generated(self) -> int:
@@ -329,7 +335,7 @@ class FlashCausalLM:
         return RequestState(
             id=request_id, token_ids=list(ids), prompt_length=new.prompt_length, num_computed=new.num_cached_tokens,
             block_table=[], sampler=sampler, stopping=new.stopping, prefill_logprobs=new.prefill_logprobs,
-            top_n_tokens=new.top_n_tokens,
+            top_n_tokens=new.top_n_tokens, token_logprobs=new.token_logprobs,
         )
 
     def _grammar(self, request_id: int, grammar: str, generated: tuple[int, ...]) -> GrammarConstraint:
@@ -422,10 +428,11 @@ class FlashCausalLM:
             sample_rows = [where[r.first_row + r.num_tokens - 1] for r in sampling]
             # a decode step samples every logits row in order: no copy of the [N, V] scores then
             sample_logits = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
-            next_ids, logprobs = choose_tokens(sample_logits, [r.state.sampler for r in sampling])
-            chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
-            tops = top_n_tokens(logprobs, [r.state.top_n_tokens for r in sampling])
-            for row, token, logprob, top in zip(sampling, next_ids.tolist(), chosen_logprobs, tops):
+            next_ids, scores = choose_tokens(sample_logits, [r.state.sampler for r in sampling])
+            logprobs = chosen_logprobs(
+                scores, next_ids, [r.state.wants_logprobs for r in sampling], [r.state.top_n_tokens for r in sampling]
+            )
+            for row, token, (logprob, top) in zip(sampling, next_ids.tolist(), logprobs):
                 chosen[row.state.id] = (token, logprob, top)
 
         generations = []

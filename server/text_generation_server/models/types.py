@@ -55,6 +55,7 @@ class NewRequest:
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
     grammar: str = ""  # an llguidance grammar its generated tokens follow; "" for none
+    token_logprobs: bool = True  # the chosen tokens' logprobs are wanted (else NaN, unless top_n_tokens > 0)
 
 
 @dataclass(frozen=True)
