@@ -141,6 +141,18 @@ def test_logit_bias_echo_best_of_and_logprobs(client, engine, tokenizer):
     assert len(best.choices) == 1 and len({c.text for c in every.choices}) > 1
     means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
     assert best.choices[0].text == every.choices[means.index(max(means))].text
+    # without logprobs asked, the candidates' logprobs are still computed to rank them: on a seed whose best
+    # candidate is not its first, which is what a ranking without logprobs would return
+    for seed in range(4, 20):
+        every = client.completions.create(model="tgi", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=seed, n=3, logprobs=0)
+        means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
+        winner = every.choices[means.index(max(means))].text
+        if winner != every.choices[0].text:
+            break
+    else:
+        pytest.fail("no seed in 4..19 whose best candidate differs from its first")
+    unasked = client.completions.create(model="tgi", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=seed, best_of=3)
+    assert unasked.choices[0].text == winner and unasked.choices[0].logprobs is None
 
     for bad in (dict(logprobs=6), dict(best_of=1, n=2), dict(echo=True, logprobs=1), dict(logit_bias={"99999": 1})):
         with pytest.raises(openai.UnprocessableEntityError):
