@@ -1,4 +1,5 @@
-"""TokenSampler, process, choose_tokens, chosen_logprobs and top_n_tokens: their definitions, and transformers' processors."""
+"""TokenSampler, process, choose_tokens, chosen_logprobs and top_n_tokens: their definitions, and transformers'
+processors."""
 
 from __future__ import annotations
 
