@@ -55,12 +55,14 @@ def with_seed(params: SamplingParameters, seed: int) -> SamplingParameters:
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = random_logits(4)
-    next_ids, scores = choose_tokens(logits, samplers([SamplingParameters()] * 4))
+    next_ids, logprobs = choose_tokens(logits, samplers([SamplingParameters()] * 4))
     assert next_ids.dtype == torch.int64 and next_ids.shape == (4,)
-    assert scores.dtype == torch.float32 and scores.shape == (4, V)
+    assert logprobs.rows == [0, 1, 2, 3]
+    assert logprobs.values.dtype == torch.float32 and logprobs.values.shape == (4, V)
     assert torch.equal(next_ids, logits.argmax(-1))
-    torch.testing.assert_close(scores, logits)  # plain greedy rows: nothing to process
-    chosen = chosen_logprobs(scores, next_ids, [True] * 4, [0] * 4)
+    torch.testing.assert_close(logprobs.values, torch.log_softmax(logits, -1))
+    torch.testing.assert_close(logprobs.values.exp().sum(-1), torch.ones(4))
+    chosen = chosen_logprobs(logprobs, next_ids, [True] * 4, [0] * 4)
     expected = torch.log_softmax(logits, -1).gather(1, next_ids[:, None]).squeeze(1)
     assert [logprob for logprob, _ in chosen] == pytest.approx(expected.tolist())
     assert all(top == ([], []) for _, top in chosen)
@@ -70,16 +72,29 @@ def test_logprobs_only_for_the_rows_that_want_them():
     """A row that wants neither its logprob nor top tokens gets NaN and none; the others get exactly what a
     log-softmax of the whole batch gives them."""
     logits = random_logits(4)
-    next_ids, scores = choose_tokens(logits, samplers([SamplingParameters()] * 4))
-    full = torch.log_softmax(scores, -1)
-    chosen = chosen_logprobs(scores, next_ids, [True, False, True, False], [0, 3, 2, 0])
+    full = torch.log_softmax(logits, -1)  # plain greedy rows: the scores are the logits
+    wanted = [True, False, True, False]
+    next_ids, logprobs = choose_tokens(logits, samplers([SamplingParameters()] * 4), wanted)
+    assert logprobs.rows == [0, 2] and torch.equal(logprobs.values, full[[0, 2]])
+    chosen = chosen_logprobs(logprobs, next_ids, wanted, [0, 3, 2, 0])
     assert math.isnan(chosen[1][0]) and math.isnan(chosen[3][0])
     assert chosen[1][1] == ([], []) and chosen[3][1] == ([], [])
     for row in (0, 2):
         assert chosen[row][0] == full[row, next_ids[row]].item()
     assert chosen[2][1] == top_n_tokens(full[2:3], [2])[0] and chosen[0][1] == ([], [])
-    nothing = chosen_logprobs(scores, next_ids, [False] * 4, [0] * 4)
+    next_ids, none = choose_tokens(logits, samplers([SamplingParameters()] * 4), [False] * 4)
+    assert none.rows == []
+    nothing = chosen_logprobs(none, next_ids, [False] * 4, [0] * 4)
     assert all(math.isnan(logprob) and top == ([], []) for logprob, top in nothing)
+
+
+def test_a_sampled_row_draws_the_same_whether_or_not_its_logprobs_are_wanted():
+    """A sampled row draws from its own logprobs, so they are computed (once) whatever it asked for."""
+    params = [with_seed(SamplingParameters(do_sample=True), seed) for seed in range(4)] + [SamplingParameters()]
+    logits = random_logits(5)
+    every, _ = choose_tokens(logits, samplers(params))
+    some, logprobs = choose_tokens(logits, samplers(params), [False, True, False, False, False])
+    assert torch.equal(every, some) and logprobs.rows == [0, 1, 2, 3]
 
 
 def test_plain_greedy_sampler_holds_no_generator_nor_counts():
@@ -135,10 +150,10 @@ def test_top_k_one_with_sampling_equals_greedy():
     rows = samplers([SamplingParameters(do_sample=True, top_k=1, seed=s) for s in range(8)])
     for step in range(5):
         logits = random_logits(8, seed=step)
-        next_ids, scores = choose_tokens(logits, rows)
+        next_ids, logprobs = choose_tokens(logits, rows)
         assert torch.equal(next_ids, logits.argmax(-1))
         # Only the kept token has probability: its logprob is 0.
-        assert torch.allclose(torch.log_softmax(scores, -1).gather(1, next_ids[:, None]), torch.zeros(8, 1))
+        assert torch.allclose(logprobs.values.gather(1, next_ids[:, None]), torch.zeros(8, 1))
 
 
 # ---------------------------------------------------------------------------------------------- warpers
@@ -214,7 +229,7 @@ def test_repetition_penalty_matches_transformers_and_lowers_repeated_tokens():
     _, penalized = choose_tokens(logits[:1], samplers([params[0]], [histories[0]]))
     _, plain = choose_tokens(logits[:1], samplers([SamplingParameters()], [histories[0]]))
     for token in set(histories[0]):
-        assert penalized[0, token] < plain[0, token]
+        assert penalized.values[0, token] < plain.values[0, token]
 
 
 def test_frequency_penalty_grows_with_the_count():
@@ -289,8 +304,8 @@ def test_logprobs_are_normalized_for_every_kind_of_row():
               SamplingParameters(top_k=3, temperature=0.5),
               SamplingParameters(top_p=0.5, repetition_penalty=1.2),
               SamplingParameters(typical_p=0.5, frequency_penalty=0.7)]
-    next_ids, scores = choose_tokens(random_logits(5), samplers(params))
-    logprobs = torch.log_softmax(scores, -1)
+    next_ids, row_logprobs = choose_tokens(random_logits(5), samplers(params))
+    logprobs = row_logprobs.values
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(5))
     # The chosen token is always one the processors kept.
     assert torch.isfinite(logprobs.gather(1, next_ids[:, None])).all()

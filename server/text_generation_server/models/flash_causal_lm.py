@@ -428,11 +428,10 @@ class FlashCausalLM:
             sample_rows = [where[r.first_row + r.num_tokens - 1] for r in sampling]
             # a decode step samples every logits row in order: no copy of the [N, V] scores then
             sample_logits = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
-            next_ids, scores = choose_tokens(sample_logits, [r.state.sampler for r in sampling])
-            logprobs = chosen_logprobs(
-                scores, next_ids, [r.state.wants_logprobs for r in sampling], [r.state.top_n_tokens for r in sampling]
-            )
-            for row, token, (logprob, top) in zip(sampling, next_ids.tolist(), logprobs):
+            wanted = [r.state.wants_logprobs for r in sampling]
+            next_ids, logprobs = choose_tokens(sample_logits, [r.state.sampler for r in sampling], wanted)
+            chosen_rows = chosen_logprobs(logprobs, next_ids, wanted, [r.state.top_n_tokens for r in sampling])
+            for row, token, (logprob, top) in zip(sampling, next_ids.tolist(), chosen_rows):
                 chosen[row.state.id] = (token, logprob, top)
 
         generations = []

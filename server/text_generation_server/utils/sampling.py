@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -322,47 +323,68 @@ def process(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Ten
     return scores
 
 
-def choose_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V], row i for samplers[i]. Returns (next_ids [B] int64, scores [B, V] float32: the processed
-    scores, whose log_softmax is each row's logprobs), and records each chosen id in its sampler."""
+@dataclass(frozen=True)
+class RowLogprobs:
+    """log_softmax of a step's processed scores, for some of its rows only: values[k] is row rows[k]'s."""
+
+    rows: list[int]  # ascending
+    values: torch.Tensor  # [len(rows), V] float32
+
+
+def choose_tokens(
+    logits: torch.Tensor, samplers: Sequence[TokenSampler], wants_logprobs: Sequence[bool] | None = None
+) -> tuple[torch.Tensor, RowLogprobs]:
+    """logits [B, V], row i for samplers[i]. Returns (next_ids [B] int64, the logprobs of the rows that sample or
+    want them), and records each chosen id in its sampler. wants_logprobs: per row (None: every row).
+
+    The log-softmax over the vocabulary runs once, on those rows only: over 32 rows it (and the [B, V] tensor it
+    writes) is ~1.5 ms of a bfloat16 decode step (small preset, 2-core AVX-512 machine: served, the shard's token
+    choice 2.2-2.5 against 0.85-1.0 ms a step; in process the step 40.8 against 38.6 ms), for rows whose
+    clients mostly never see a logprob (OpenAI's APIs report them only when asked). A sampled row draws from
+    the exp of its own logprobs.
+    """
     scores = process(logits, samplers)
     next_ids = first_argmax(scores)
-    sampled = _rows_where([s.generator is not None for s in samplers], logits.device)
-    if sampled is not None:
-        generators = [samplers[i].generator for i in sampled.tolist()]
-        probs = torch.log_softmax(scores.index_select(0, sampled), dim=-1).exp()
-        next_ids = next_ids.index_copy(0, sampled, _draw(probs, generators))
+    sampled = [s.generator is not None for s in samplers]
+    wanted = [True] * len(samplers) if wants_logprobs is None else wants_logprobs
+    rows = [i for i, (want, draws) in enumerate(zip(wanted, sampled)) if want or draws]
+    if len(rows) == len(samplers):
+        values = torch.log_softmax(scores, dim=-1)
+    else:
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        values = torch.log_softmax(scores.index_select(0, index), dim=-1)
+    drawing = [k for k, row in enumerate(rows) if sampled[row]]
+    if drawing:
+        at = torch.tensor(drawing, dtype=torch.int64, device=logits.device)
+        draw_rows = torch.tensor([rows[k] for k in drawing], dtype=torch.int64, device=logits.device)
+        generators = [samplers[rows[k]].generator for k in drawing]
+        next_ids = next_ids.index_copy(0, draw_rows, _draw(values.index_select(0, at).exp(), generators))
     for sampler, token_id in zip(samplers, next_ids.tolist()):
         sampler.record(token_id)
-    return next_ids, scores
+    return next_ids, RowLogprobs(rows, values)
 
 
 ChosenLogprobs = tuple[float, tuple[list[int], list[float]]]  # the chosen id's logprob, (top ids, their logprobs)
 
 
 def chosen_logprobs(
-    scores: torch.Tensor, next_ids: torch.Tensor, wanted: Sequence[bool], top_n: Sequence[int]
+    logprobs: RowLogprobs, next_ids: torch.Tensor, wanted: Sequence[bool], top_n: Sequence[int]
 ) -> list[ChosenLogprobs]:
-    """Per row of `choose_tokens`' scores [B, V] and ids [B]: the chosen id's logprob and its top_n[i] best
-    alternatives where wanted[i], else (NaN, ([], [])).
-
-    The log-softmax over the vocabulary runs on the wanted rows only: over 32 rows it (and the [B, V] tensor it
-    writes) is ~1.5 ms of a bfloat16 decode step (small preset, 2-core AVX-512 machine: served, the shard's token
-    choice 2.2-2.5 against 0.85-1.0 ms a step; in process the step 40.8 against 38.6 ms), for rows whose
-    clients mostly never see a logprob (OpenAI's APIs report them only when asked).
-    """
-    rows = [i for i, want in enumerate(wanted) if want]
-    out: list[ChosenLogprobs] = [(math.nan, ([], []))] * len(wanted)
+    """Per row of `choose_tokens`' ids [B]: the chosen id's logprob and its top_n[i] best alternatives where
+    wanted[i] (which `logprobs` must hold), else (NaN, ([], []))."""
+    out: list[ChosenLogprobs] = [(math.nan, ([], [])) for _ in wanted]
+    keep = [k for k, row in enumerate(logprobs.rows) if wanted[row]]
+    rows = [logprobs.rows[k] for k in keep]
+    assert len(rows) == sum(map(bool, wanted)), "a row that wants logprobs has none"
     if not rows:
         return out
-    if len(rows) == len(wanted):
-        logprobs, ids = torch.log_softmax(scores, dim=-1), next_ids
-    else:
-        index = torch.tensor(rows, dtype=torch.int64, device=scores.device)
-        logprobs, ids = torch.log_softmax(scores.index_select(0, index), dim=-1), next_ids.index_select(0, index)
-    values = logprobs.gather(1, ids[:, None]).squeeze(1).tolist()
-    tops = top_n_tokens(logprobs, [top_n[i] for i in rows])
-    for row, value, top in zip(rows, values, tops):
+    values = logprobs.values
+    if len(keep) < len(logprobs.rows):
+        values = values.index_select(0, torch.tensor(keep, dtype=torch.int64, device=values.device))
+    ids = next_ids.index_select(0, torch.tensor(rows, dtype=torch.int64, device=next_ids.device))
+    chosen = values.gather(1, ids[:, None]).squeeze(1).tolist()
+    tops = top_n_tokens(values, [top_n[row] for row in rows])
+    for row, value, top in zip(rows, chosen, tops):
         out[row] = (value, top)
     return out
 
