@@ -55,6 +55,13 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     step = w["decode_step"]
     assert step["ours_engine"]["step_ms"] > 0 and step["ours_served"]["step_ms"] > 0
     assert "fraction" in step["overhead"]
+    # one shard driven over gRPC without the router (it checks every request got all its tokens)
+    assert w["decode_b1"]["ours_shard"]["decode_tok_s"] > 0 and w["decode_b1"]["ours_shard"]["forward_ms"] > 0
+    assert w["prefill"]["ours_shard"]["prefill_tok_s"] > 0
+    shard = step["ours_shard"]
+    assert shard["streams"] == step["ours_engine"]["streams"] and shard["steps"] > 0 and shard["step_ms"] > 0
+    assert set(step["overhead"]["split_ms"]) == {"shard_over_grpc_vs_in_process", "router_http_and_clients"}
+    assert "one shard over gRPC without the router" in stdout
     cpu = step["ours_served"]["cpu_ms_per_step"]  # in /proc's 10 ms ticks: a smoke run's few steps may read 0
     assert set(cpu) == {"router", "clients"} and all(ms >= 0 for ms in cpu.values())
 

@@ -122,6 +122,7 @@ def main(
         run_engine(results, run, internlm2_dir, prompts, profile)
     if not skip_served:
         run_served(results, run, internlm2_dir, prompts)
+        run_shard_alone(results, run, internlm2_dir, prompts)
     peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
     if not skip_waves:
         run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths,
@@ -283,6 +284,17 @@ def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
             _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
     finally:
         stack.close()
+
+
+def run_shard_alone(results: dict, run: Run, model_dir: Path, prompts) -> None:
+    from .shard import ShardAlone
+
+    _log("ours, one shard over gRPC without the router: starting text-generation-server")
+    shard = ShardAlone(model_dir, run.dtype, run.out / "shard.log", run.workloads)
+    try:
+        _measure_core(results, run, "ours_shard", shard, prompts)
+    finally:
+        shard.close()
 
 
 def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Path, prompts, peers: list[str],

@@ -66,6 +66,11 @@ def add_ratios(results: dict) -> dict:
                 "grpc_and_shard_bookkeeping": served["shard_call_ms"] - served["shard_forward_ms"] - served["shard_decode_ms"],
                 "shard_step_slower_than_in_process": served["shard_forward_ms"] + served["shard_decode_ms"] - engine_ms,
             }
+        shard_ms = step.get("ours_shard", {}).get("step_ms")
+        if shard_ms:
+            # the same extra time split by the shard driven alone: its gRPC service, then the router and HTTP
+            step["overhead"]["split_ms"] = {"shard_over_grpc_vs_in_process": shard_ms - engine_ms,
+                                            "router_http_and_clients": served_ms - shard_ms}
     targets = []
     decode = w.get("decode_b1", {}).get("ratios", {}).get("ours_served_vs_baseline")
     targets.append(_target("batch-1 decode tokens/s vs transformers (served)", decode, TARGETS["decode_b1"], ">="))
@@ -153,6 +158,10 @@ def table(results: dict) -> str:
     breakdown = w.get("decode_step", {}).get("overhead", {}).get("breakdown_ms")
     if breakdown:
         out += "\n\nDecode step overhead, ms: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in breakdown.items())
+    split = w.get("decode_step", {}).get("overhead", {}).get("split_ms")
+    if split:
+        out += "; split by the shard alone: " + ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}" for k, v in split.items())
+    out += _shard_alone_lines(w)
     cpu = w.get("decode_step", {}).get("ours_served", {}).get("cpu_ms_per_step")
     if cpu:
         out += "\n\nCPU time per served decode step, ms: " + ", ".join(f"{k} {_f(v, 2)}" for k, v in cpu.items())
@@ -163,6 +172,22 @@ def table(results: dict) -> str:
     out += _compare_table(results.get("compare"))
     out += _features_table(results.get("features", {}))
     return out + _targets(results)
+
+
+def _shard_alone_lines(w: dict) -> str:
+    """In process, one shard over gRPC without the router, and served: where a served step's extra time arises."""
+    out = ""
+    for workload, key, unit, label in (("decode_b1", "decode_tok_s", "tokens/s", "batch-1 decode"),
+                                       ("decode_step", "step_ms", "ms a step", "decode step")):
+        entry = w.get(workload, {})
+        shard = entry.get("ours_shard")
+        if not shard:
+            continue
+        forward = f" (its forward {_f(shard.get('forward_ms'), 2)} ms)" if shard.get("forward_ms") is not None else ""
+        out += (f"\n\n{label} ({unit}): in process {_f(entry.get('ours_engine', {}).get(key), 2)}, "
+                f"one shard over gRPC without the router {_f(shard.get(key), 2)}{forward}, "
+                f"served {_f(entry.get('ours_served', {}).get(key), 2)}")
+    return out
 
 
 def _grid(rows: list[tuple]) -> str:
