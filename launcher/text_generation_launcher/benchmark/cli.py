@@ -120,9 +120,9 @@ def main(
         run_transformers(results, run, llama_dir, prompts)
     if not skip_engine:
         run_engine(results, run, internlm2_dir, prompts, profile)
-    if not skip_served:
-        run_served(results, run, internlm2_dir, prompts)
+    if not skip_served:  # the shard alone first, so that its figures fall between the engine's and the stack's
         run_shard_alone(results, run, internlm2_dir, prompts)
+        run_served(results, run, internlm2_dir, prompts)
     peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
     if not skip_waves:
         run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths,
