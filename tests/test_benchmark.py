@@ -62,6 +62,11 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     assert shard["streams"] == step["ours_engine"]["streams"] and shard["steps"] > 0 and shard["step_ms"] > 0
     assert set(step["overhead"]["split_ms"]) == {"shard_over_grpc_vs_in_process", "router_http_and_clients"}
     assert "one shard over gRPC without the router" in stdout
+    # the router against a stand-in shard that answers at once (the stand-in ends each stream at its max_new_tokens)
+    alone = w["router_alone"]
+    assert alone["streams"] == 2 and alone["generated_tokens"] == 2 * 4 and len(alone["rounds_tok_s"]) == 3
+    assert alone["throughput_tok_s"] > 0 and alone["router_cpu_ms_per_token"] >= 0
+    assert "The router alone against a shard that answers at once" in stdout
     cpu = step["ours_served"]["cpu_ms_per_step"]  # in /proc's 10 ms ticks: a smoke run's few steps may read 0
     assert set(cpu) == {"router", "clients"} and all(ms >= 0 for ms in cpu.values())
 

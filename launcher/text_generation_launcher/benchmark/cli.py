@@ -125,6 +125,7 @@ def main(
         run_served(results, run, internlm2_dir, prompts)
     peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
     if not skip_waves:
+        run_router_alone(results, run, internlm2_dir, prompts)
         run_waves_phase(results, run, internlm2_dir, llama_dir, prompts, peers, paths,
                         wave_rounds or (1 if smoke else 3))
     if "llama.cpp" in peers:
@@ -295,6 +296,27 @@ def run_shard_alone(results: dict, run: Run, model_dir: Path, prompts) -> None:
         _measure_core(results, run, "ours_shard", shard, prompts)
     finally:
         shard.close()
+
+
+def run_router_alone(results: dict, run: Run, model_dir: Path, prompts) -> None:
+    """Our router against a stand-in shard that answers at once: the widest wave three times (after the warm-up
+    wave); the median round."""
+    from .router_alone import RouterAlone
+
+    workloads = run.workloads
+    top = max(workloads.wave_concurrency)
+    _log("ours, the router alone against a shard that answers at once")
+    router = RouterAlone(model_dir, prompts.waves[top], workloads.wave_prompt + 4,
+                         workloads.wave_prompt + workloads.wave_new + 8, run.out)
+    try:
+        router.wave(prompts.wave_warmup)
+        rounds = [router.wave(prompts.waves[top]) for _ in range(3)]  # each well under a second
+    finally:
+        router.close()
+    figures = sorted(rounds, key=lambda r: r["throughput_tok_s"])[1]  # the median round
+    results["workloads"]["router_alone"] = {**figures, "rounds_tok_s": [r["throughput_tok_s"] for r in rounds]}
+    _log(f"  wave of {top}: {figures['throughput_tok_s']:.0f} tok/s, router CPU "
+         f"{figures['router_cpu_ms_per_token']:.3f} ms a token")
 
 
 def run_waves_phase(results: dict, run: Run, internlm2_dir: Path, llama_dir: Path, prompts, peers: list[str],

@@ -168,6 +168,10 @@ def table(results: dict) -> str:
     cpu = w.get("decode_b1", {}).get("ours_served", {}).get("cpu_ms_per_token")
     if cpu:
         out += "\n\nCPU time per served batch-1 token, ms: " + ", ".join(f"{k} {_f(v, 3)}" for k, v in cpu.items())
+    alone = w.get("router_alone")
+    if alone:
+        out += (f"\n\nThe router alone against a shard that answers at once, a wave of {alone['streams']} streams: "
+                f"{_f(alone['throughput_tok_s'])} tokens/s, {_f(alone['router_cpu_ms_per_token'], 3)} ms of router CPU a token")
     out += _waves_table(results)
     out += _compare_table(results.get("compare"))
     out += _features_table(results.get("features", {}))
