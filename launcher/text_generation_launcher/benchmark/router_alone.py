@@ -11,7 +11,6 @@ finish at its `max_new_tokens`; steps are answered one at a time in arrival orde
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from text_generation_common.pb import generate_pb2 as pb
 from text_generation_common.sockets import free_port
 
 from .peers import run_wave
-from .served import ServerProcess
+from .served import ServerProcess, process_cpu_seconds
 from .workloads import Prompt
 
 FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
@@ -118,21 +117,16 @@ class RouterAlone:
 
     def wave(self, prompts: list[Prompt]) -> dict:
         """One wave (see `peers.run_wave`) and the router's CPU time a generated token over it (from /proc)."""
-        before = _cpu_seconds(self.router.process.pid)
+        before = process_cpu_seconds(self.router.process.pid)
         figures = run_wave(self.url, prompts)
         figures["router_cpu_ms_per_token"] = (
-            1000 * (_cpu_seconds(self.router.process.pid) - before) / figures["generated_tokens"])
+            1000 * (process_cpu_seconds(self.router.process.pid) - before) / figures["generated_tokens"])
         return figures
 
     def close(self) -> None:
         self.router.close()
         self.shard.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
 
 
 def main(argv: list[str]) -> None:

@@ -171,12 +171,7 @@ class ServedStack(ServerProcess):
         """CPU time (user + system, all threads) so far of the router and of this process, whose event loop
         runs the benchmark's clients. /proc's clock ticks are 10 ms: read over runs of seconds."""
         pids = {"router": self.processes()["router"], "clients": os.getpid()}
-        ticks = os.sysconf("SC_CLK_TCK")
-        seconds = {}
-        for name, pid in pids.items():
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            seconds[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
-        return seconds
+        return {name: process_cpu_seconds(pid) for name, pid in pids.items()}
 
     def close(self) -> None:
         super().close()
@@ -318,6 +313,12 @@ class ServedStack(ServerProcess):
                 if key in delta:
                     out[f"shard_{kind}_ms"] = 1000 * delta[key] / calls
         return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of process `pid` so far, from /proc (in 10 ms clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14 and 15)
 
 
 def _check_counts(results: list[dict], prompts: list[Prompt]) -> None:
