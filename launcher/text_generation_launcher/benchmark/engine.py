@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from .stats import median
+from .stats import median, prefill_figures
 from .workloads import Prompt, PromptSet, Workloads
 
 
@@ -88,9 +88,7 @@ class Engine:
         for _ in range(repeats):
             start, times, _ = self.run([Prompt(prompt.text, prompt.ids, 1)])
             runs.append(times[0] - start)
-        seconds = median(runs)
-        return {"prefill_tok_s": len(prompt.ids) / seconds, "ttft_ms": seconds * 1000, "prompt_tokens": len(prompt.ids),
-                "repeats": repeats}
+        return prefill_figures(len(prompt.ids), runs)
 
     def decode_step(
         self, prompts: list[Prompt], profile_dir: Path | None = None, label: str = "", grammar: str = ""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from text_generation_common.sockets import free_port
 
-from .stats import latency_summary, median
+from .stats import latency_summary, median, prefill_figures
 from .workloads import Prompt, PromptSet, Workloads
 
 
@@ -266,9 +266,7 @@ class ServedStack(ServerProcess):
         for _ in range(repeats):
             _, _, (r,) = self.drive([Prompt(prompt.text, prompt.ids, 1)], 1)
             seconds.append(r["arrivals"][0] - r["sent"])
-        s = median(seconds)
-        return {"prefill_tok_s": len(prompt.ids) / s, "ttft_ms": s * 1000, "prompt_tokens": len(prompt.ids),
-                "repeats": repeats}
+        return prefill_figures(len(prompt.ids), seconds)
 
     def mixed(self, prompts: list[Prompt], concurrency: int) -> dict:
         start, end, results = self.drive(prompts, concurrency)

@@ -21,7 +21,7 @@ from text_generation_common.pb import generate_pb2 as pb
 from text_generation_router.infer import STEPS_IN_FLIGHT
 
 from .served import ServerProcess
-from .stats import median
+from .stats import median, prefill_figures
 from .workloads import Prompt, PromptSet, Workloads
 
 
@@ -186,9 +186,7 @@ class ShardAlone(ServerProcess):
         for _ in range(repeats):
             start, _, times, _ = self._steps([Prompt(prompt.text, prompt.ids, 1)])
             seconds.append(times[0] - start)
-        s = median(seconds)
-        return {"prefill_tok_s": len(prompt.ids) / s, "ttft_ms": s * 1000, "prompt_tokens": len(prompt.ids),
-                "repeats": repeats}
+        return prefill_figures(len(prompt.ids), seconds)
 
     def decode_step(self, prompts: list[Prompt]) -> dict:
         """The decode step of `len(prompts)` streams: the median gap between the answers of consecutive steps that

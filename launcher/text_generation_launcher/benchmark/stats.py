@@ -39,3 +39,10 @@ def latency_summary(ttfts: list[float], gaps: list[float], tokens: int, wall: fl
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
+
+
+def prefill_figures(prompt_tokens: int, seconds: list[float]) -> dict:
+    """The prefill workload's figures from the time to the first token of each repeat (their median)."""
+    s = median(seconds)
+    return {"prefill_tok_s": prompt_tokens / s, "ttft_ms": s * 1000, "prompt_tokens": prompt_tokens,
+            "repeats": len(seconds)}
