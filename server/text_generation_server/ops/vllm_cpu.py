@@ -92,11 +92,12 @@ def attention_isa(dtype: torch.dtype, block_size: int) -> str:
     """The instruction-set variant of the attention kernels for this cache: AMX tiles for bfloat16 on a CPU that
     has them (blocks of a multiple of 32), else "vec16", which walks a block 16 tokens at a time.
 
-    "vec16" rather than "vec" for blocks of a multiple of 32: on the 2-core AVX-512 machine (no AMX) the two gave
-    the same outputs bit for bit (every `HEAD_DIMS`, both dtypes, contexts of 5-257 tokens) and "vec16" was
-    never slower: 1.00-1.23x per decode call over eight layers' caches (1.06x bfloat16 / 1.08x float32 at 32
-    streams of the small preset, 1.06x / 1.04x on internlm2-chat-1_8b's heads); inside the engine a 32-stream
-    decode call took 0.443 against 0.473 ms and a 32-prompt prefill's 6.82 against 8.15 ms a layer (bfloat16).
+    "vec16" rather than "vec" (vLLM's own pick for blocks of a multiple of 32 without AMX): on the 2-core AVX-512
+    machine (no AMX) the two gave the same outputs bit for bit (every `HEAD_DIMS`, both dtypes, contexts of 5-257
+    tokens) and "vec16" was never slower: 1.00-1.23x per decode call over eight layers' caches (1.06x bfloat16 /
+    1.08x float32 at 32 streams of the small preset, 1.06x / 1.04x on internlm2-chat-1_8b's heads); inside the
+    engine a 32-stream decode call took 0.443 against 0.473 ms and a 32-prompt prefill's 6.82 against 8.15 ms a
+    layer (bfloat16).
     """
     if block_size % 32 == 0 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
         return "amx"
