@@ -90,7 +90,7 @@ def load_kernels() -> None:
 
 def attention_isa(dtype: torch.dtype, block_size: int) -> str:
     """The instruction-set variant of the attention kernels for this cache: AMX tiles for bfloat16 on a CPU that
-    has them (blocks of a multiple of 32), else "vec16", which walks a block 16 tokens at a time.
+    has them (blocks of a multiple of 32), else "vec16", the variant made for blocks of a multiple of 16.
 
     "vec16" rather than "vec" (vLLM's own pick for blocks of a multiple of 32 without AMX): on the 2-core AVX-512
     machine (no AMX) the two gave the same outputs bit for bit (every `HEAD_DIMS`, both dtypes, contexts of 5-257
