@@ -5,7 +5,8 @@ the event streams) without the shard's two OpenMP threads on the same cores; bes
 says how much of the router's CPU the sharing adds. The stand-in (`InstantShard`, run as
 `python -m text_generation_launcher.benchmark.router_alone UDS IDS VOCAB EOS`) keeps each request's length and
 answers with ids cycled from a list of ordinary words, one per request that reaches the end of its tokens, and the
-finish at its `max_new_tokens`; steps are answered one at a time in arrival order (one worker thread).
+finish at its `max_new_tokens`; steps are answered one at a time in `step_id` order, as the real shard runs them
+(with two steps in flight the second can arrive first).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 import urllib.request
 from concurrent import futures
 from pathlib import Path
@@ -28,6 +30,7 @@ from .workloads import Prompt
 FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
 BLOCK_SIZE = 128
 NUM_BLOCKS = 4096
+STEP_ORDER_WAIT_S = 10.0  # a step whose predecessor has not come by then fails the wave instead of hanging it
 
 
 class InstantShard:
@@ -36,6 +39,8 @@ class InstantShard:
     def __init__(self, token_ids: list[int], vocab_size: int, eos_token_ids: list[int], uds: str):
         self.token_ids, self.vocab_size, self.eos_token_ids, self.uds = token_ids, vocab_size, eos_token_ids, uds
         self.requests: dict[int, list[int]] = {}  # id -> [known tokens, prompt length, computed, max_new_tokens]
+        self.step_order = threading.Condition()
+        self.last_step_id = 0  # the last step answered since ClearCache
 
     def Info(self, request, context):
         return pb.InfoResponse(
@@ -51,7 +56,9 @@ class InstantShard:
         return pb.HealthResponse()
 
     def ClearCache(self, request, context):
-        self.requests.clear()
+        with self.step_order:
+            self.requests.clear()
+            self.last_step_id = 0
         return pb.ClearCacheResponse()
 
     def Warmup(self, request, context):
@@ -59,6 +66,14 @@ class InstantShard:
                                  max_supported_total_tokens=NUM_BLOCKS * BLOCK_SIZE)
 
     def Step(self, request, context):
+        with self.step_order:
+            if not self.step_order.wait_for(lambda: request.step_id <= self.last_step_id + 1, STEP_ORDER_WAIT_S):
+                raise RuntimeError(f"step {request.step_id - 1} did not come within {STEP_ORDER_WAIT_S}s")
+            self.last_step_id = max(self.last_step_id, request.step_id)
+            self.step_order.notify_all()
+            return self._answer(request)
+
+    def _answer(self, request) -> pb.StepResponse:
         for request_id in request.released:
             self.requests.pop(request_id, None)
         generations = []
@@ -136,7 +151,7 @@ def main(argv: list[str]) -> None:
 
     uds, ids, vocab_size, eos = argv
     shard = InstantShard([int(i) for i in ids.split(",")], int(vocab_size), [int(i) for i in eos.split(",") if i], uds)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # one at a time: the steps in arrival order
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))  # a step may wait here for the one before it
     generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(shard, server)
     server.add_insecure_port(f"unix://{uds}-0")
     server.start()
