@@ -79,7 +79,8 @@ def _cpu_list() -> str:
     return ",".join(map(str, cores))
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether a GET of `url` answers 200 within 5 s."""
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200
@@ -96,7 +97,7 @@ class OpenAIServer(ServerProcess):
         self.url = f"http://127.0.0.1:{port}"
         started = time.perf_counter()
         super().__init__(argv, log_path, env={**os.environ, **env})
-        self.wait_ready(lambda: _answers(self.url + ready_path), startup_timeout)
+        self.wait_ready(lambda: answers(self.url + ready_path), startup_timeout)
         self.info = {**info, "argv": argv, "env": env, "startup_s": time.perf_counter() - started}
 
 

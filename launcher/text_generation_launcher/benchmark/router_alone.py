@@ -16,14 +16,13 @@ import shutil
 import sys
 import tempfile
 import threading
-import urllib.request
 from concurrent import futures
 from pathlib import Path
 
 from text_generation_common.pb import generate_pb2 as pb
 from text_generation_common.sockets import free_port
 
-from .peers import run_wave
+from .peers import answers, run_wave
 from .served import ServerProcess, process_cpu_seconds
 from .workloads import Prompt
 
@@ -121,14 +120,7 @@ class RouterAlone:
              "--hostname", "127.0.0.1", "--port", str(port), "--grpc-port", "0",
              "--max-input-tokens", str(max_input), "--max-total-tokens", str(max_total)],
             out / "router-alone.log")
-        self.router.wait_ready(self._healthy, 120)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        self.router.wait_ready(lambda: answers(self.url + "/health"), 120)
 
     def wave(self, prompts: list[Prompt]) -> dict:
         """One wave (see `peers.run_wave`) and the router's CPU time a generated token over it (from /proc)."""
