@@ -197,20 +197,56 @@ def test_bfloat16_linears_take_the_packed_kernel_up_to_the_longest_reduction_it_
     assert packed_shapes == expected
 
 
-def test_bfloat16_linears_on_a_cpu_whose_onednn_refuses_bfloat16_use_torchs_product(kernels, monkeypatch):
-    """On an AVX2-only CPU oneDNN refuses bfloat16 weights (packing them raises): both backends then take
-    F.linear. Simulated here by reporting no bfloat16 support; on such a CPU it is what runs anyway."""
+def test_bfloat16_linears_on_a_cpu_whose_onednn_refuses_bfloat16_widen_the_weight_from_a_few_rows(kernels, monkeypatch):
+    """On an AVX2-only CPU oneDNN refuses bfloat16 weights (packing them raises). Both backends then take
+    F.linear for up to three rows, and from `WIDEN_MIN_ROWS` rows on multiply each block of the weight's rows
+    widened to float32: the float32 product rounded to bfloat16 once, whatever the block split. Simulated here
+    by reporting no bfloat16 support (on such a CPU it is what runs anyway), with blocks of 16 rows so that 100
+    output features take six whole blocks and a partial one."""
     from text_generation_server.ops import reference
 
     float32_only = lambda dtype: dtype == torch.float32  # noqa: E731
     monkeypatch.setattr(reference, "onednn_supports", float32_only)
     monkeypatch.setattr(vllm_cpu, "onednn_supports", float32_only)
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", None)  # called, it would raise TypeError
+    monkeypatch.setattr(reference, "WIDEN_BLOCK_BYTES", 16 * 70 * 4)
     weight, bias = torch.randn(100, 70).bfloat16(), torch.randn(100).bfloat16()
-    x = torch.randn(5, 70).bfloat16()
-    expected = torch.nn.functional.linear(x, weight, bias)
     for ops in (ReferenceOps(), kernels):
-        torch.testing.assert_close(ops.linear(weight, bias)(x), expected, atol=0, rtol=0)
+        product = ops.linear(weight, bias)
+        for rows in (1, reference.WIDEN_MIN_ROWS - 1):
+            x = torch.randn(rows, 70).bfloat16()
+            torch.testing.assert_close(product(x), torch.nn.functional.linear(x, weight, bias), atol=0, rtol=0)
+        for rows in (reference.WIDEN_MIN_ROWS, 33):
+            x = torch.randn(rows, 70).bfloat16()
+            got = product(x)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, 100) and got.is_contiguous()
+            exact = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+            # one rounding to bfloat16 (half a unit in the last place: 2**-9 relative); 2**-8 lets a float32
+            # sum in another order land on the other side of a tie
+            torch.testing.assert_close(got.float(), exact, atol=1e-6, rtol=2**-8)
+            assert (got == exact.bfloat16()).float().mean() > 0.97
+
+
+def test_the_widening_scratch_made_in_inference_mode_is_usable_outside_it(monkeypatch):
+    """The scratch is per thread and shared by every layer: made while a model runs in inference mode, it
+    must still be writable by a product called outside it (an inference tensor would refuse in-place copies)."""
+    import threading
+
+    from text_generation_server.ops import reference
+
+    monkeypatch.setattr(reference, "onednn_supports", lambda dtype: dtype == torch.float32)
+    weight, x = torch.randn(100, 70).bfloat16(), torch.randn(8, 70).bfloat16()
+    product, results = ReferenceOps().linear(weight, None), []
+
+    def in_then_out_of_inference_mode() -> None:  # a new thread: its scratch is made in inference mode
+        with torch.inference_mode():
+            results.append(product(x))
+        results.append(product(x))
+
+    thread = threading.Thread(target=in_then_out_of_inference_mode)
+    thread.start()
+    thread.join()
+    assert len(results) == 2 and torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
