@@ -201,8 +201,8 @@ def test_bfloat16_linears_on_a_cpu_whose_onednn_refuses_bfloat16_widen_the_weigh
     """On an AVX2-only CPU oneDNN refuses bfloat16 weights (packing them raises). Both backends then take
     F.linear for up to three rows, and from `WIDEN_MIN_ROWS` rows on multiply each block of the weight's rows
     widened to float32: the float32 product rounded to bfloat16 once, whatever the block split. Simulated here
-    by reporting no bfloat16 support (on such a CPU it is what runs anyway), with blocks of 16 rows so that 100
-    output features take six whole blocks and a partial one."""
+    by reporting no bfloat16 support (on such a CPU it is what runs anyway), with blocks of at most 16 rows so
+    that 100 output features take seven blocks (six of 15 rows, one of 10)."""
     from text_generation_server.ops import reference
 
     float32_only = lambda dtype: dtype == torch.float32  # noqa: E731

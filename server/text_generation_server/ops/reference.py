@@ -199,16 +199,18 @@ def _widened_bfloat16_linear(weight: torch.Tensor, bias: torch.Tensor | None) ->
     """A bfloat16 product on a CPU whose oneDNN refuses bfloat16 (AVX2 only, see `onednn_supports`).
 
     Up to `WIDEN_MIN_ROWS - 1` rows (decoding one or a few sequences) `F.linear`: torch's own bfloat16 product
-    streams the weight at ~17 GB/s there, as fast a token as oneDNN's float32 product on twice the bytes. From
+    streams the weight at ~17 GB/s there, a token faster than oneDNN's float32 one on twice the bytes. From
     `WIDEN_MIN_ROWS` rows on it falls 3-9x behind float32 (measured on a 2-core AMD Zen 3, the small preset's
     shapes: 3.6 against 0.50 ms for a 1280 x 768 weight at 32 rows, 56 against 7.4 at 512), so there each block
-    of the weight's rows is widened to float32 in a scratch buffer of at most `WIDEN_BLOCK_BYTES`, which stays
+    of the weight's rows is widened to float32 in a scratch buffer of about `WIDEN_BLOCK_BYTES`, which stays
     in cache, and multiplied in float32 (torch.mm); the output is rounded to bfloat16 once, as a bfloat16
     product accumulating in float32 would. On that machine 1.5-1.9x the float32 product's time at 32 rows
-    (0.75 ms for the 1280 x 768 weight; the 92544 x 768 lm_head 52 against 40 ms) and level with it at 512.
+    (0.75 ms for the 1280 x 768 weight; the 92544 x 768 lm_head 52-59 against 40 ms) and level with it at 512
+    (blocks of 1 MB were slower, of 16 or 64 MB no faster, served slower: see the README's AVX2 figures)
     """
     out_features, in_features = weight.shape
-    block_rows = max(1, min(out_features, WIDEN_BLOCK_BYTES // (4 * in_features)))
+    blocks = -(-out_features * in_features * 4 // WIDEN_BLOCK_BYTES)  # rows split evenly: no sliver of a block
+    block_rows = -(-out_features // blocks)
     bias32 = None if bias is None else bias.float()
 
     def product(x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +236,8 @@ _widening = threading.local()  # each thread's float32 scratch for `_widened_bfl
 
 
 def _widening_scratch(numel: int) -> torch.Tensor:
-    """This thread's flat float32 scratch of at least `numel` elements (one for every layer: at most
-    `WIDEN_BLOCK_BYTES`, or one row of the widest weight)."""
+    """This thread's flat float32 scratch of at least `numel` elements, one for every layer (its size: the
+    largest block, `WIDEN_BLOCK_BYTES` and at most one row more)."""
     scratch = getattr(_widening, "scratch", None)
     if scratch is None or scratch.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
