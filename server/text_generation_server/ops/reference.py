@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from text_generation_server.ops import AttentionMetadata, KVCache, LinearKernel, Ops
 
 # bfloat16 products where oneDNN refuses bfloat16 (see `_widened_bfloat16_linear`): from this many rows on
-# the weight is widened to float32 a block of rows at a time, each block at most this many bytes
+# the weight is widened to float32 a block of rows at a time, its rows split evenly into blocks of about
+# this many bytes (at most one row more)
 WIDEN_MIN_ROWS = 4
 WIDEN_BLOCK_BYTES = 4 << 20
 TILE_BYTES = 64 << 20  # bound on the float32 scores of one tile (the gathered keys/values come on top)
