@@ -149,8 +149,8 @@ def start_stack(
     log_dir.mkdir(parents=True, exist_ok=True)
     uds = _uds_base(tmp_path)
     http_port = free_port()
-    grpc_port = free_port() if grpc else 0
-    master_port = free_port()
+    grpc_port = free_port(avoid={http_port}) if grpc else 0
+    master_port = free_port(avoid={http_port, grpc_port})
     base_env = dict(env or os.environ)
     base_env.setdefault("OMP_NUM_THREADS", "1")
 

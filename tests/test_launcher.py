@@ -46,7 +46,8 @@ class Launched:
     """A launcher on free ports. default_sockets: leave --shard-uds-path and --master-port to the launcher."""
 
     def __init__(self, model_dir: Path, tmp_path: Path, *args: str, default_sockets: bool = False, name: str = "launcher"):
-        self.port, self.grpc_port = free_port(), free_port()
+        self.port = free_port()
+        self.grpc_port = free_port(avoid={self.port})
         self.log = tmp_path / f"{name}.log"
         argv = [
             LAUNCHER, "--model-id", str(model_dir), "--port", str(self.port), "--grpc-port", str(self.grpc_port),
@@ -55,7 +56,7 @@ class Launched:
         if not default_sockets:
             uds = tmp_path / f"{name}-sock" / "shard"
             uds.parent.mkdir(exist_ok=True)
-            argv += ["--shard-uds-path", str(uds), "--master-port", str(free_port())]
+            argv += ["--shard-uds-path", str(uds), "--master-port", str(free_port(avoid={self.port, self.grpc_port}))]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.uds = str(uds) if not default_sockets else f"/tmp/text-generation-server-{self.process.pid}"
@@ -298,6 +299,25 @@ def test_two_servers_on_one_host_never_collide(launch, tiny_internlm2_dir, tmp_p
     assert f"--port {first.port} on 127.0.0.1 is in use" in log and "shard 0" not in log  # before any shard loads
     assert Path(f"{first.uds}-0").exists() and Path(f"{first.uds}-1").exists()
     assert httpx.post(f"{first.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_a_master_port_that_is_also_the_http_port_is_refused_at_once(launch, tiny_internlm2_dir):
+    port = free_port()
+    clash = launch(tiny_internlm2_dir, "--num-shard", "2", "--port", str(port), "--master-port", str(port),
+                   ready=False, default_sockets=True, name="clash")
+    assert clash.process.wait(30) == 1
+    log = clash.log.read_text()
+    assert f"--port {port} is also --master-port" in log and "shard 0" not in log  # before any shard loads
+
+
+def test_free_port_skips_the_ports_it_is_told_to_avoid(monkeypatch):
+    """A launcher picks its master port while its HTTP and gRPC ports are still unbound: it must not pick them."""
+    from text_generation_common import sockets
+
+    monkeypatch.setattr(sockets.random, "shuffle", lambda ports: None)  # the candidates in order, lowest first
+    lowest = sockets.free_port()
+    assert sockets.free_port() == lowest
+    assert sockets.free_port(avoid={lowest}) not in (lowest, None)
 
 
 @pytest.mark.parametrize("problem", ["missing", "broken-config", "broken-weights"])

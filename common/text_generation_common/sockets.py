@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import random
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -64,8 +65,9 @@ def _ephemeral_port_low() -> int:
         return 32768
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now, chosen below the kernel's ephemeral range.
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A TCP port nothing listens on now, chosen below the kernel's ephemeral range, and none of `avoid` (ports
+    already promised to a server that has not bound them yet).
 
     A port that bind(0) returned can be handed out again before its new owner binds it: torch.distributed's
     gloo pairs and every outgoing connection draw from the ephemeral range. Ports below it are only ever taken
@@ -73,7 +75,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = _ephemeral_port_low()
     candidates = list(range(max(1024, low - 12000), low))
     random.shuffle(candidates)
-    for port in candidates[:200]:
+    for port in [port for port in candidates if port not in avoid][:200]:
         try:
             check_port_free(host, port, "port")
         except SocketInUse:

@@ -212,15 +212,19 @@ def main(
 def _check_sockets(world_size, uds_path, master_addr, master_port, hostname, port, grpc_port, prometheus_port) -> int:
     """Refuse, before any weights load, the sockets and ports another server holds; the master port to use (a
     free one unless given)."""
-    for what, number in (("--port", port), ("--grpc-port", grpc_port), ("--prometheus-port", prometheus_port)):
-        if number:
-            check_port_free(hostname, number, what)
+    given = {what: number for what, number in (("--port", port), ("--grpc-port", grpc_port),
+                                               ("--prometheus-port", prometheus_port)) if number}
+    if world_size > 1 and master_port is not None:
+        given["--master-port"] = master_port
+    for what, number in given.items():
+        same = [other for other, n in given.items() if n == number and other != what]
+        if same:
+            raise SocketInUse(f"{what} {number} is also {same[0]}: each server needs its own port")
+        check_port_free(master_addr if what == "--master-port" else hostname, number, what)
     for rank in range(world_size):
         claim_unix_socket(f"{uds_path}-{rank}", "--shard-uds-path: shard socket")
-    if master_port is None:
-        master_port = free_port(master_addr)
-    elif world_size > 1:
-        check_port_free(master_addr, master_port, "--master-port")
+    if master_port is None:  # none of ours: the HTTP and gRPC servers bind theirs only once the shards are up
+        master_port = free_port(master_addr, avoid=set(given.values()))
     logger.info(f"shard sockets {uds_path}-<rank>" + (f", torch.distributed on {master_addr}:{master_port}" if world_size > 1 else ""))
     return master_port
 
