@@ -119,3 +119,16 @@ def test_an_earlier_commit_is_measured_by_its_own_benchmark_in_the_same_run(tmp_
     # the worktree is gone
     listed = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
     assert "tgi-bench-commit-" not in listed
+
+
+def test_the_in_process_engine_gets_whole_blocks_for_every_request_of_the_decode_step():
+    """`--concurrency 1` left the in-process engine blocks for the step's tokens, not its requests': 32 prompts
+    of 128 + 64 tokens need two blocks of 128 each, 64 in all, not the 48 their 6,144 tokens fill."""
+    from text_generation_launcher.benchmark.engine import kv_blocks_needed
+    from text_generation_launcher.benchmark.workloads import Workloads
+
+    workloads = Workloads(concurrency=(1,))
+    assert (workloads.step_streams, workloads.step_prompt, workloads.step_new) == (32, 128, 64)
+    assert -(-workloads.max_total_tokens // 128) < 64  # one request of the mixed workload needs fewer
+    assert kv_blocks_needed(workloads, 128) == 64
+    assert kv_blocks_needed(Workloads(concurrency=(1, 8, 32)), 16) == 32 * -(-workloads.max_total_tokens // 16)

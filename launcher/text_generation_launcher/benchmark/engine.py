@@ -16,6 +16,16 @@ from .stats import median, prefill_figures
 from .workloads import Prompt, PromptSet, Workloads
 
 
+def kv_blocks_needed(workloads: Workloads, block_size: int) -> int:
+    """KV blocks for the most requests the workloads run at once: the decode step's streams, or the widest mixed
+    level at the longest request. Each request takes whole blocks, so they are counted per request."""
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // block_size)
+
+    return max(workloads.step_streams * blocks_for(workloads.step_prompt + workloads.step_new),
+               max(workloads.concurrency) * blocks_for(workloads.max_total_tokens))
+
+
 class Engine:
     name = "ours (in-process)"
 
@@ -27,9 +37,7 @@ class Engine:
         torch.set_num_threads(threads)
         # KERNELS (as for the launcher and the shards): auto, reference or vllm-cpu
         self.model = get_model(model_dir, dtype=dtype, device="cpu", kernels=os.environ.get("KERNELS", "auto"))
-        tokens = max(workloads.step_streams * (workloads.step_prompt + workloads.step_new),
-                     max(workloads.concurrency) * workloads.max_total_tokens, workloads.max_total_tokens)
-        self.model.allocate_kv_cache(-(-tokens // self.model.block_size) + 8)
+        self.model.allocate_kv_cache(kv_blocks_needed(workloads, self.model.block_size) + 8)
         self.info = {
             "engine": "ours: FlashCausalLM.step in-process", "dtype": dtype, "threads": threads,
             "kernels": self.model.ops.name,
