@@ -12,9 +12,7 @@ finish at its `max_new_tokens`; steps are answered one at a time in `step_id` or
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -23,7 +21,7 @@ from text_generation_common.pb import generate_pb2 as pb
 from text_generation_common.sockets import free_port
 
 from .peers import answers, run_wave
-from .served import ServerProcess, process_cpu_seconds
+from .served import ServerProcess, new_socket_dir, process_cpu_seconds
 from .workloads import Prompt
 
 FEATURES = ("top_n_tokens", "prefill_logprobs", "chunked_prefill", "grammar")
@@ -106,11 +104,12 @@ class RouterAlone:
         eos = config.get("eos_token_id")
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         token_ids = sorted({i for p in prompts for i in p.ids} - set(eos_ids))[:64]
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
-        uds = str(self.socket_dir / "shard")
+        socket_dir = new_socket_dir()
+        uds = str(socket_dir / "shard")
         self.shard = ServerProcess(
             [sys.executable, "-m", __name__, uds, ",".join(map(str, token_ids)), str(config["vocab_size"]),
              ",".join(map(str, eos_ids))], out / "router-alone-shard.log")
+        self.shard.socket_dir = socket_dir
         self.shard.wait_ready(lambda: Path(f"{uds}-0").exists(), 60)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -133,7 +132,6 @@ class RouterAlone:
     def close(self) -> None:
         self.router.close()
         self.shard.close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def main(argv: list[str]) -> None:

@@ -71,10 +71,17 @@ def _launcher_argv() -> list[str]:
     return [sys.executable, "-c", "from text_generation_launcher.cli import app; app()"]
 
 
+def new_socket_dir() -> Path:
+    """A new temporary directory for unix sockets, at a short path: a socket's path is limited to 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="tgi-bench-"))
+
+
 class ServerProcess:
-    """A server started in a process group of its own, logging to a file; `close` stops the whole group."""
+    """A server started in a process group of its own, logging to a file; `close` stops the whole group and
+    removes its `socket_dir`, if it has one."""
 
     name = "server"
+    socket_dir: Path | None = None
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.log_path = log_path
@@ -112,6 +119,8 @@ class ServerProcess:
             pass
         self.process.wait(10)
         self._log.close()
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 class ServedStack(ServerProcess):
@@ -119,7 +128,7 @@ class ServedStack(ServerProcess):
 
     def __init__(self, model_dir: Path, dtype: str, log_path: Path, *, max_input_tokens: int, max_total_tokens: int,
                  max_concurrent_requests: int = 128, extra_args=(), startup_timeout: float = 900):
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
+        self.socket_dir = new_socket_dir()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [
@@ -172,10 +181,6 @@ class ServedStack(ServerProcess):
         runs the benchmark's clients. /proc's clock ticks are 10 ms: read over runs of seconds."""
         pids = {"router": self.processes()["router"], "clients": os.getpid()}
         return {name: process_cpu_seconds(pid) for name, pid in pids.items()}
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- client
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from text_generation_common.pb import generate_pb2 as pb
 from text_generation_router.infer import STEPS_IN_FLIGHT
 
-from .served import ServerProcess
+from .served import ServerProcess, new_socket_dir
 from .stats import median, prefill_figures
 from .workloads import Prompt, PromptSet, Workloads
 
@@ -69,7 +67,7 @@ class ShardAlone(ServerProcess):
     name = "text-generation-server"
 
     def __init__(self, model_dir: Path, dtype: str, log_path: Path, workloads: Workloads, startup_timeout: float = 900):
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="tgi-bench-"))  # short: unix socket paths are limited
+        self.socket_dir = new_socket_dir()
         uds = self.socket_dir / "shard"
         server = Path(sys.executable).with_name("text-generation-server")
         argv = [str(server), "serve", str(model_dir), "--uds-path", str(uds), "--dtype", dtype, "--device", "cpu"]
@@ -109,7 +107,6 @@ class ShardAlone(ServerProcess):
             self._loop.close()
             asyncio.set_event_loop(None)
         super().close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- client
 
