@@ -43,20 +43,26 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 class Launched:
-    """A launcher on free ports. default_sockets: leave --shard-uds-path and --master-port to the launcher."""
+    """A launcher on free ports, no two the same. default_sockets: leave --shard-uds-path and --master-port to the
+    launcher; metrics: also serve /metrics on `metrics_port`."""
 
-    def __init__(self, model_dir: Path, tmp_path: Path, *args: str, default_sockets: bool = False, name: str = "launcher"):
+    def __init__(self, model_dir: Path, tmp_path: Path, *args: str, default_sockets: bool = False, metrics: bool = False,
+                 name: str = "launcher"):
         self.port = free_port()
         self.grpc_port = free_port(avoid={self.port})
+        self.metrics_port = free_port(avoid={self.port, self.grpc_port})
         self.log = tmp_path / f"{name}.log"
         argv = [
             LAUNCHER, "--model-id", str(model_dir), "--port", str(self.port), "--grpc-port", str(self.grpc_port),
             "--hostname", "127.0.0.1", "--kv-cache-fraction", "0.002", "--graceful-termination-timeout", "20", *args,
         ]
+        if metrics:
+            argv += ["--prometheus-port", str(self.metrics_port)]
         if not default_sockets:
             uds = tmp_path / f"{name}-sock" / "shard"
             uds.parent.mkdir(exist_ok=True)
-            argv += ["--shard-uds-path", str(uds), "--master-port", str(free_port(avoid={self.port, self.grpc_port}))]
+            master_port = free_port(avoid={self.port, self.grpc_port, self.metrics_port})
+            argv += ["--shard-uds-path", str(uds), "--master-port", str(master_port)]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.uds = str(uds) if not default_sockets else f"/tmp/text-generation-server-{self.process.pid}"
@@ -125,14 +131,14 @@ def test_launcher_serves_internlm2_through_every_api(launch, tmp_path, tmp_path_
     model_dir = make_tiny(tmp_path_factory, f"launcher-{format}", format=format, shards=2, hidden=64, heads=4, kv_heads=2)
     expected = reference_tokens(model_dir, tmp_path)
     # the operations flags reach the router and the shards (a rope factor of 1.0 alone is linear: no change)
-    metrics_port, key = free_port(), "launcher-key"
+    key = "launcher-key"
     served = launch(
-        model_dir, "--num-shard", str(shards), "--api-key", key, "--prometheus-port", str(metrics_port),
-        "--payload-limit", "100000", "--rope-factor", "1.0",
+        model_dir, "--num-shard", str(shards), "--api-key", key, "--payload-limit", "100000", "--rope-factor", "1.0",
+        metrics=True,
     )
     children = [pid for pid in processes_mentioning(served.uds) if pid != served.process.pid]
     assert children and all(key not in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)  # env, not argv
-    assert "tgi_request_count " in urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    assert "tgi_request_count " in urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics").read().decode()
     big = httpx.post(f"{served.url}/generate", content=b" " * 100_001, headers={"Authorization": f"Bearer {key}"})
     assert big.status_code == 413
     assert httpx.post(f"{served.url}/generate", json={"inputs": "hi"}).status_code == 401
