@@ -132,3 +132,19 @@ def test_the_in_process_engine_gets_whole_blocks_for_every_request_of_the_decode
     assert -(-workloads.max_total_tokens // 128) < 64  # one request of the mixed workload needs fewer
     assert kv_blocks_needed(workloads, 128) == 64
     assert kv_blocks_needed(Workloads(concurrency=(1, 8, 32)), 16) == 32 * -(-workloads.max_total_tokens // 16)
+
+
+def test_wave_ratios_are_also_paired_round_by_round():
+    """A host that slows between rounds moves every engine of that round alike: the ratio of each round's pair
+    shows it, where the ratio of the two medians mixes rounds."""
+    from text_generation_launcher.benchmark.report import _waves_table, add_ratios
+
+    ours = {"throughput_tok_s": 100.0, "rounds_tok_s": [90.0, 100.0, 120.0]}
+    vllm = {"throughput_tok_s": 100.0, "rounds_tok_s": [100.0, 80.0, 120.0]}
+    results = {"meta": {"wave_rounds": 3, "workloads": {"wave_prompt": 128, "wave_new": 128}},
+               "workloads": {"wave": {"32": {"ours_served": ours, "vllm": vllm}}}}
+    ratios = add_ratios(results)["workloads"]["wave"]["32"]["ratios"]
+    assert ratios["vs_vllm"] == 1.0 and ratios["rounds_vs_vllm"] == [0.9, 1.25, 1.0]
+    assert ratios["vs_llama_server"] is None and ratios["rounds_vs_llama_server"] == []
+    assert "ours / vLLM-CPU round by round, by streams: 32: 0.90, 1.25, 1.00" in _waves_table(results)
+    assert "llama-server round by round" not in _waves_table(results)

@@ -41,9 +41,14 @@ def add_ratios(results: dict) -> dict:
             "itl_p50": _ratio(base.get("itl_p50_ms"), ours.get("itl_p50_ms")),
         }
     for level, entry in w.get("wave", {}).items():
-        ours = entry.get("ours_served", {}).get("throughput_tok_s")
-        entry["ratios"] = {f"vs_{who}": _ratio(ours, entry.get(who, {}).get("throughput_tok_s"))
-                           for who in ("vllm", "llama_server")}
+        ours, entry["ratios"] = entry.get("ours_served", {}), {}
+        for who in ("vllm", "llama_server"):
+            peer = entry.get(who, {})
+            entry["ratios"][f"vs_{who}"] = _ratio(ours.get("throughput_tok_s"), peer.get("throughput_tok_s"))
+            # each round runs ours, then the peers: paired by round, a host's drift between rounds shows apart
+            # from a difference between the engines
+            entry["ratios"][f"rounds_vs_{who}"] = [
+                _ratio(a, b) for a, b in zip(ours.get("rounds_tok_s", []), peer.get("rounds_tok_s", []))]
     decode = w.get("decode_b1", {})
     decode.setdefault("ratios", {})["ours_engine_vs_llama_cpp_engine"] = _ratio(
         decode.get("ours_engine", {}).get("decode_tok_s"), decode.get("llama_cpp_engine", {}).get("decode_tok_s"))
@@ -218,6 +223,13 @@ def _waves_table(results: dict) -> str:
     each = f", each cell the median of {rounds} rounds (the engines in turn)" if rounds > 1 else ""
     out = (f"\n\nWaves: C simultaneous streaming /v1/completions requests, {w['wave_prompt']}-token prompts, "
            f"{w['wave_new']} new tokens each, temperature 0, ignore_eos{each}:\n") + _grid(rows)
+    if rounds > 1:
+        for who, label in WAVE_ENGINES[1:]:
+            paired = [f"{level}: " + ", ".join(_f(r, 2) for r in entry["ratios"][f"rounds_vs_{who}"])
+                      for level, entry in sorted(waves.items(), key=lambda kv: int(kv[0]))
+                      if entry.get("ratios", {}).get(f"rounds_vs_{who}")]
+            if paired:
+                out += f"\n  ours / {label} round by round, by streams: " + "; ".join(paired)
     for engine, info in results.get("engines", {}).items():
         if "skipped" in info:
             out += f"\n  {engine}: {info['skipped']}"
