@@ -91,7 +91,8 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
         assert ours["prompt_tokens_reported"] == [8]  # every prompt has exactly wave_prompt tokens
         rounds = ours["rounds_tok_s"]  # two rounds; the cell holds the figures of the lower median one
         assert len(rounds) == 2 and ours["throughput_tok_s"] == min(rounds)
-        assert entry["ratios"] == {"vs_vllm": None, "vs_llama_server": None}  # peers not run
+        assert entry["ratios"] == {"vs_vllm": None, "vs_llama_server": None,  # peers not run
+                                   "rounds_vs_vllm": [], "rounds_vs_llama_server": []}
 
     targets = {t["name"]: t for t in results["targets"]}
     peer_targets = {name for name in targets if "vLLM" in name or "llama-server" in name}
