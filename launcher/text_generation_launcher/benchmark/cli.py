@@ -39,6 +39,7 @@ from .workloads import (
 )
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+PAIRED_STEP_ROUNDS = 3  # the decode step in process and served in turn, for the router + gRPC share
 
 
 def _log(message: str) -> None:
@@ -283,8 +284,34 @@ def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
         for c in workloads.concurrency:
             w["mixed"][str(c)]["ours_served"] = stack.mixed(_mixed_prompts(prompts, workloads, c), c)
             _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
+        w["decode_step"]["overhead_paired"] = _paired_step_overhead(run, model_dir, prompts, stack)
     finally:
         stack.close()
+
+
+def _paired_step_overhead(run: Run, model_dir: Path, prompts, stack) -> dict:
+    """The many-stream decode step in process and served, in turn, `PAIRED_STEP_ROUNDS` times: each round's
+    overhead (served - in process) / served compares two steps measured a few seconds apart, where the engine's
+    and the stack's own phases are minutes apart and a host whose speed drifts moves one and not the other."""
+    from .engine import Engine
+
+    engine = Engine(model_dir, run.dtype, run.threads, run.workloads)
+    try:
+        engine.warmup(prompts, run.workloads)
+        rounds = []
+        for _ in range(PAIRED_STEP_ROUNDS):
+            in_process = engine.decode_step(prompts.step)["step_ms"]
+            served = stack.decode_step(prompts.step)["step_ms"]
+            if served is not None:  # None: no stream decoded while all had joined
+                rounds.append({"engine_ms": in_process, "served_ms": served,
+                               "fraction": (served - in_process) / served})
+    finally:
+        engine.close()
+    fraction = median(r["fraction"] for r in rounds)
+    _log("  decode step in process / served, in turn: "
+         + ", ".join(f"{r['engine_ms']:.2f} / {r['served_ms']:.2f} ms" for r in rounds)
+         + ("" if fraction is None else f"; overhead median {100 * fraction:.1f}%"))
+    return {"rounds": rounds, "fraction": fraction}
 
 
 def run_shard_alone(results: dict, run: Run, model_dir: Path, prompts) -> None:
