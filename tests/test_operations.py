@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import httpx
@@ -17,7 +20,7 @@ import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from router_stack import free_port, start_stack
+from router_stack import ROUTER_CLI, free_port, start_stack
 from text_generation import Client
 
 API_KEY = "s3cret-key"
@@ -242,3 +245,65 @@ def test_no_tracing_without_an_endpoint():
     tracer = RequestTracer(None)
     assert not tracer.enabled  # Infer then makes no span; no exporter, no provider is set up
     tracer.shutdown()
+
+
+def _standin_shard(tmp_path):
+    """The benchmark's stand-in shard (it answers Info, Warmup and Step without a model) on a unix socket."""
+    from text_generation_launcher.benchmark.served import ServerProcess, new_socket_dir
+
+    socket_dir = new_socket_dir()
+    uds = str(socket_dir / "shard")
+    shard = ServerProcess([sys.executable, "-m", "text_generation_launcher.benchmark.router_alone", uds, "300,301",
+                           "1000", "2"], tmp_path / "standin-shard.log")
+    shard.socket_dir = socket_dir
+    shard.wait_ready(lambda: Path(f"{uds}-0").exists(), 60)
+    return shard, f"{uds}-0"
+
+
+def _router_argv(tokenizer_dir, uds: str, port: int, grpc_port: int, metrics_port: int) -> list[str]:
+    return [*ROUTER_CLI, "--master-shard-uds-path", uds, "--tokenizer-name", str(tokenizer_dir), "--hostname",
+            "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), "--prometheus-port", str(metrics_port),
+            "--max-input-tokens", "100", "--max-total-tokens", "200"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_when_the_api_answers_metrics_and_grpc_listen_already(tiny_internlm2_dir, tmp_path):
+    """The launcher calls the stack ready once the API's port answers: /metrics and the gRPC API open before it."""
+    shard, uds = _standin_shard(tmp_path)
+    port = free_port()
+    grpc_port = free_port(avoid={port})
+    metrics_port = free_port(avoid={port, grpc_port})
+    router = subprocess.Popen(_router_argv(tiny_internlm2_dir, uds, port, grpc_port, metrics_port))
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert router.poll() is None and time.monotonic() < deadline, "the router did not open its port"
+            time.sleep(0.005)
+        assert _listening(metrics_port) and _listening(grpc_port)
+    finally:
+        router.terminate()
+        router.wait(30)
+        shard.close()
+
+
+def test_a_router_whose_port_is_taken_stops_at_once_and_frees_the_others(tiny_internlm2_dir, tmp_path):
+    shard, uds = _standin_shard(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc_port = free_port(avoid={port})
+        metrics_port = free_port(avoid={port, grpc_port})
+        try:
+            done = subprocess.run(_router_argv(tiny_internlm2_dir, uds, port, grpc_port, metrics_port),
+                                  capture_output=True, text=True, timeout=60)
+        finally:
+            shard.close()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"start-up failed: the HTTP server could not start on 127.0.0.1:{port}" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not _listening(metrics_port) and not _listening(grpc_port)

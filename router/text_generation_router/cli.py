@@ -314,11 +314,19 @@ def load_tokenizer(o: dict, vocab_size: int):
 async def start_http(app_, host: str, port: int, o: dict):
     """A uvicorn server for `app_`, started; (server, its serve task). Raises StartupError if it cannot bind."""
     server = _Uvicorn.make(app_, host, port, o["graceful_termination_timeout"], o["json_output"])
-    task = asyncio.create_task(server.serve())
+    failure = f"the HTTP server could not start on {host}:{port}"
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit as exit_:  # uvicorn logs why (a port in use, say), then exits the whole loop
+            raise StartupError(failure) from exit_
+
+    task = asyncio.create_task(serve())
     while not server.started:
         if task.done():
             await task
-            raise StartupError(f"the HTTP server could not start on {host}:{port}")
+            raise StartupError(failure)
         await asyncio.sleep(0.02)
     return server, task
 
@@ -349,18 +357,22 @@ async def run(o: dict) -> int:
     options = HttpOptions(
         api_key=o["api_key"], cors_allow_origins=tuple(o["cors_allow_origin"]), payload_limit=o["payload_limit"]
     )
-    servers = []
+    servers, grpc_server = [], None
     try:
-        servers.append(await start_http(create_app(state, options), o["hostname"], o["port"], o))
+        # the API's port opens last: the launcher calls the stack ready once it answers, so /metrics and the
+        # gRPC API must be listening by then
         if o["prometheus_port"] is not None:
             servers.append(await start_http(metrics_app(), o["hostname"], o["prometheus_port"], o))
+        grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
+        servers.append(await start_http(create_app(state, options), o["hostname"], o["port"], o))
     except StartupError:
         for server, _ in servers:
             server.should_exit = True
         await asyncio.gather(*(task for _, task in servers))
+        if grpc_server is not None:
+            await grpc_server.stop(grace=None)
         await infer.stop()
         raise
-    grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
 
     loop = asyncio.get_running_loop()
     timeout = o["graceful_termination_timeout"]
