@@ -290,20 +290,24 @@ def test_when_the_api_answers_metrics_and_grpc_listen_already(tiny_internlm2_dir
         shard.close()
 
 
-def test_a_router_whose_port_is_taken_stops_at_once_and_frees_the_others(tiny_internlm2_dir, tmp_path):
+@pytest.mark.parametrize("which", ["api", "grpc"])
+def test_a_router_whose_port_is_taken_stops_at_once_and_frees_the_others(which, tiny_internlm2_dir, tmp_path):
     shard, uds = _standin_shard(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        grpc_port = free_port(avoid={port})
-        metrics_port = free_port(avoid={port, grpc_port})
+        busy = taken.getsockname()[1]
+        metrics_port = free_port(avoid={busy})
+        other = free_port(avoid={busy, metrics_port})
+        port, grpc_port = (busy, other) if which == "api" else (other, busy)
         try:
             done = subprocess.run(_router_argv(tiny_internlm2_dir, uds, port, grpc_port, metrics_port),
                                   capture_output=True, text=True, timeout=60)
         finally:
             shard.close()
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert f"start-up failed: the HTTP server could not start on 127.0.0.1:{port}" in done.stdout + done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-    assert not _listening(metrics_port) and not _listening(grpc_port)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    failed = {"api": "the HTTP server", "grpc": "the gRPC API"}[which]
+    assert f"start-up failed: {failed} could not start on 127.0.0.1:{busy}" in output
+    assert "Traceback" not in output
+    assert not any(_listening(p) for p in (metrics_port, port, grpc_port) if p != busy)

@@ -1,9 +1,10 @@
 """`text-generation-router`: connects to the shards, warms them up, schedules requests and serves the APIs.
 
 Start-up (TGI's order): connect to the master shard, ServiceDiscovery, ClearCache, Info, Warmup, check the
-limits, build the RouterState, start the step loop, then serve HTTP (uvicorn, the FastAPI app of
-`text_generation_router.api.create_app`) and the public gRPC API (`text_generation_router.grpc_api.serve_grpc`).
-One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting (HTTP and gRPC), let in-flight
+limits, build the RouterState, start the step loop, then open /metrics (--prometheus-port), the public gRPC API
+(`text_generation_router.grpc_api.serve_grpc`) and last the HTTP API (uvicorn, the FastAPI app of
+`text_generation_router.api.create_app`), whose answer the launcher waits for; a port that cannot be bound stops
+the start-up with a StartupError naming it. One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting (HTTP and gRPC), let in-flight
 requests finish; when --graceful-termination-timeout is up, end the rest with an error (an error event on a
 stream), then exit 0.
 
@@ -331,6 +332,16 @@ async def start_http(app_, host: str, port: int, o: dict):
     return server, task
 
 
+async def start_grpc(state, host: str, port: int):
+    """The public gRPC API, started. Raises StartupError if it cannot bind."""
+    from text_generation_router.grpc_api import serve_grpc
+
+    try:
+        return await serve_grpc(state, host, port)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+        raise StartupError(f"the gRPC API could not start on {host}:{port}: {error}") from error
+
+
 def metrics_app():
     """The app of --prometheus-port: GET /metrics only."""
     from fastapi import FastAPI
@@ -344,7 +355,6 @@ def metrics_app():
 
 async def run(o: dict) -> int:
     from text_generation_router.api import HttpOptions, create_app
-    from text_generation_router.grpc_api import serve_grpc
     from text_generation_router.tracing import RequestTracer
 
     client, info, limits, shard = await connect_and_warm(o)
@@ -363,7 +373,7 @@ async def run(o: dict) -> int:
         # gRPC API must be listening by then
         if o["prometheus_port"] is not None:
             servers.append(await start_http(metrics_app(), o["hostname"], o["prometheus_port"], o))
-        grpc_server = await serve_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
+        grpc_server = await start_grpc(state, o["hostname"], o["grpc_port"]) if o["grpc_port"] else None
         servers.append(await start_http(create_app(state, options), o["hostname"], o["port"], o))
     except StartupError:
         for server, _ in servers:
