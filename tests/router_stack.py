@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from text_generation_common.sockets import free_port
+from text_generation_common.sockets import free_port, free_ports  # noqa: F401  (free_port: the tests import it from here)
 
 _BIN = Path(sys.executable).parent
 SERVER_CLI = (
@@ -63,6 +63,7 @@ def _uds_base(tmp_path: Path) -> Path:
 class Stack:
     http_url: str
     grpc_port: int  # 0 when the public gRPC API is disabled
+    prometheus_port: int | None  # /metrics on a port of its own, None when not asked for
     router: subprocess.Popen
     shards: list[subprocess.Popen]
     uds_path: Path
@@ -134,6 +135,7 @@ def start_stack(
     shard_args: list[str] | tuple[str, ...] = (),
     kv_cache_fraction: float = 0.002,
     grpc: bool = True,
+    prometheus: bool = False,
     timeout: float = 90.0,
     env: dict | None = None,
 ) -> Stack:
@@ -142,21 +144,23 @@ def start_stack(
 
     `router_args` are appended to the router's command line (e.g. `["--max-batch-total-tokens", "128"]`),
     `shard_args` to each shard's.
-    `grpc=False` passes `--grpc-port 0` (no public gRPC API).
+    `grpc=False` passes `--grpc-port 0` (no public gRPC API); `prometheus=True` also serves /metrics on
+    `stack.prometheus_port`. The stack's ports are all different.
     """
     tmp_path = Path(tmp_path)
     log_dir = tmp_path / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     uds = _uds_base(tmp_path)
-    http_port = free_port()
-    grpc_port = free_port(avoid={http_port}) if grpc else 0
-    master_port = free_port(avoid={http_port, grpc_port})
+    http_port, grpc_port, master_port, prometheus_port = free_ports(4)
+    grpc_port = grpc_port if grpc else 0
+    prometheus_port = prometheus_port if prometheus else None
     base_env = dict(env or os.environ)
     base_env.setdefault("OMP_NUM_THREADS", "1")
 
     stack = Stack(
         http_url=f"http://127.0.0.1:{http_port}",
         grpc_port=grpc_port,
+        prometheus_port=prometheus_port,
         router=None,  # type: ignore[arg-type]
         shards=[],
         uds_path=uds,
@@ -197,6 +201,7 @@ def start_stack(
             "--hostname", "127.0.0.1",
             "--port", str(http_port),
             "--grpc-port", str(grpc_port),
+            *(["--prometheus-port", str(prometheus_port)] if prometheus else []),
             *router_args,
         ]
         stack.router_env = torch_blocking_env(base_env, tmp_path)
@@ -213,7 +218,7 @@ def start_stack(
                     if process.poll() is not None:
                         raise StackError(f"a shard exited with {process.returncode}:\n{stack.logs()}")
                 try:
-                    # HTTP answers a moment before the router has started its gRPC API and logged its ready line
+                    # the API answers a moment before the router has logged its ready line
                     healthy = client.get(f"{stack.http_url}/health").status_code == 200
                     if healthy and "router ready" in stack.router_log():
                         break

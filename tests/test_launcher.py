@@ -21,7 +21,7 @@ from conftest import make_tiny
 from helpers import internlm2_to_llama
 from transformers import LlamaForCausalLM
 
-from text_generation_common.sockets import free_port
+from text_generation_common.sockets import free_port, free_ports
 from text_generation_common.tokenizer import Tokenizer
 
 LAUNCHER = str(Path(sys.executable).with_name("text-generation-launcher"))
@@ -48,9 +48,7 @@ class Launched:
 
     def __init__(self, model_dir: Path, tmp_path: Path, *args: str, default_sockets: bool = False, metrics: bool = False,
                  name: str = "launcher"):
-        self.port = free_port()
-        self.grpc_port = free_port(avoid={self.port})
-        self.metrics_port = free_port(avoid={self.port, self.grpc_port})
+        self.port, self.grpc_port, self.metrics_port, master_port = free_ports(4)
         self.log = tmp_path / f"{name}.log"
         argv = [
             LAUNCHER, "--model-id", str(model_dir), "--port", str(self.port), "--grpc-port", str(self.grpc_port),
@@ -61,7 +59,6 @@ class Launched:
         if not default_sockets:
             uds = tmp_path / f"{name}-sock" / "shard"
             uds.parent.mkdir(exist_ok=True)
-            master_port = free_port(avoid={self.port, self.grpc_port, self.metrics_port})
             argv += ["--shard-uds-path", str(uds), "--master-port", str(master_port)]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT)

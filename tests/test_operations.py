@@ -20,7 +20,7 @@ import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from router_stack import ROUTER_CLI, free_port, start_stack
+from router_stack import ROUTER_CLI, free_ports, start_stack
 from text_generation import Client
 
 API_KEY = "s3cret-key"
@@ -85,20 +85,17 @@ def stack(tiny_internlm2_dir, tmp_path_factory, receiver):
     directory = tmp_path_factory.mktemp("operations")
     template = directory / "template.jinja"
     template.write_text(TEMPLATE)
-    prometheus_port = free_port()
     args = [
         "--api-key", API_KEY,
         "--cors-allow-origin", ALLOWED_ORIGIN,
         "--payload-limit", str(PAYLOAD_LIMIT),
-        "--prometheus-port", str(prometheus_port),
         "--chat-template", str(template),
         "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}",
         "--otlp-service-name", SERVICE_NAME,
         "--max-batch-prefill-tokens", "12",
     ]
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}  # export spans within 0.1 s
-    with start_stack(tiny_internlm2_dir, directory, grpc=False, router_args=args, env=env) as running:
-        running.prometheus_port = prometheus_port
+    with start_stack(tiny_internlm2_dir, directory, grpc=False, prometheus=True, router_args=args, env=env) as running:
         yield running
 
 
@@ -274,9 +271,7 @@ def _listening(port: int) -> bool:
 def test_when_the_api_answers_metrics_and_grpc_listen_already(tiny_internlm2_dir, tmp_path):
     """The launcher calls the stack ready once the API's port answers: /metrics and the gRPC API open before it."""
     shard, uds = _standin_shard(tmp_path)
-    port = free_port()
-    grpc_port = free_port(avoid={port})
-    metrics_port = free_port(avoid={port, grpc_port})
+    port, grpc_port, metrics_port = free_ports(3)
     router = subprocess.Popen(_router_argv(tiny_internlm2_dir, uds, port, grpc_port, metrics_port))
     try:
         deadline = time.monotonic() + 60
@@ -297,8 +292,7 @@ def test_a_router_whose_port_is_taken_stops_at_once_and_frees_the_others(which, 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        metrics_port = free_port(avoid={busy})
-        other = free_port(avoid={busy, metrics_port})
+        metrics_port, other = free_ports(2, avoid={busy})
         port, grpc_port = (busy, other) if which == "api" else (other, busy)
         try:
             done = subprocess.run(_router_argv(tiny_internlm2_dir, uds, port, grpc_port, metrics_port),

@@ -82,3 +82,11 @@ def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
             continue
         return port
     raise SocketInUse(f"no free TCP port on {host} below the ephemeral range starting at {low}")
+
+
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct ports as `free_port` picks them, none of `avoid`: the ports of one server or one test."""
+    ports: list[int] = []
+    for _ in range(count):
+        ports.append(free_port(host, avoid={*avoid, *ports}))
+    return ports
