@@ -119,11 +119,14 @@ def main(
     results["meta"]["cpu"] = cpu_description()
     if "transformers" in baselines:
         run_transformers(results, run, llama_dir, prompts)
-    if not skip_engine:
-        run_engine(results, run, internlm2_dir, prompts, profile)
-    if not skip_served:  # the shard alone first, so that its figures fall between the engine's and the stack's
-        run_shard_alone(results, run, internlm2_dir, prompts)
-        run_served(results, run, internlm2_dir, prompts)
+    engine = run_engine(results, run, internlm2_dir, prompts, profile) if not skip_engine else None
+    try:
+        if not skip_served:  # the shard alone first, so that its figures fall between the engine's and the stack's
+            run_shard_alone(results, run, internlm2_dir, prompts)
+            run_served(results, run, internlm2_dir, prompts, engine)
+    finally:
+        if engine is not None:
+            engine.close()
     peers = [peer for peer in baselines if peer != "transformers" and not _missing(peer, paths, results)]
     if not skip_waves:
         run_router_alone(results, run, internlm2_dir, prompts)
@@ -247,7 +250,8 @@ def _measure_core(results: dict, run: Run, who: str, runner, prompts) -> None:
     _log(f"  decode step x{workloads.step_streams}: " + ("-" if step_ms is None else f"{step_ms:.2f} ms"))
 
 
-def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool) -> None:
+def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool):
+    """Our engine in process; returned open, for the served phase's steps in turn (the caller closes it)."""
     from .engine import Engine
 
     _log(f"ours in-process: {run.dtype}, {run.threads} threads")
@@ -270,10 +274,10 @@ def run_engine(results: dict, run: Run, model_dir: Path, prompts, profile: bool)
         engine.decode_step([prompts.decode], profile_dir=run.out / "profile", label="b1")
         engine.decode_step(prompts.step, profile_dir=run.out / "profile", label=f"b{run.workloads.step_streams}")
         _log(f"  profiles in {run.out / 'profile'}")
-    engine.close()
+    return engine
 
 
-def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
+def run_served(results: dict, run: Run, model_dir: Path, prompts, engine=None) -> None:
     from .served import ServedStack
 
     w, workloads = results["workloads"], run.workloads
@@ -284,29 +288,22 @@ def run_served(results: dict, run: Run, model_dir: Path, prompts) -> None:
         for c in workloads.concurrency:
             w["mixed"][str(c)]["ours_served"] = stack.mixed(_mixed_prompts(prompts, workloads, c), c)
             _log(f"  mixed c={c}: {w['mixed'][str(c)]['ours_served']['throughput_tok_s']:.1f} tok/s")
-        w["decode_step"]["overhead_paired"] = _paired_step_overhead(run, model_dir, prompts, stack)
+        if engine is not None:
+            w["decode_step"]["overhead_paired"] = _paired_step_overhead(engine, prompts, stack)
     finally:
         stack.close()
 
 
-def _paired_step_overhead(run: Run, model_dir: Path, prompts, stack) -> dict:
+def _paired_step_overhead(engine, prompts, stack) -> dict:
     """The many-stream decode step in process and served, in turn, `PAIRED_STEP_ROUNDS` times: each round's
     overhead (served - in process) / served compares two steps measured a few seconds apart, where the engine's
     and the stack's own phases are minutes apart and a host whose speed drifts moves one and not the other."""
-    from .engine import Engine
-
-    engine = Engine(model_dir, run.dtype, run.threads, run.workloads)
-    try:
-        engine.warmup(prompts, run.workloads)
-        rounds = []
-        for _ in range(PAIRED_STEP_ROUNDS):
-            in_process = engine.decode_step(prompts.step)["step_ms"]
-            served = stack.decode_step(prompts.step)["step_ms"]
-            if served is not None:  # None: no stream decoded while all had joined
-                rounds.append({"engine_ms": in_process, "served_ms": served,
-                               "fraction": (served - in_process) / served})
-    finally:
-        engine.close()
+    rounds = []
+    for _ in range(PAIRED_STEP_ROUNDS):
+        in_process = engine.decode_step(prompts.step)["step_ms"]
+        served = stack.decode_step(prompts.step)["step_ms"]
+        if served is not None:  # None: no stream decoded while all had joined
+            rounds.append({"engine_ms": in_process, "served_ms": served, "fraction": (served - in_process) / served})
     fraction = median(r["fraction"] for r in rounds)
     _log("  decode step in process / served, in turn: "
          + ", ".join(f"{r['engine_ms']:.2f} / {r['served_ms']:.2f} ms" for r in rounds)
