@@ -4,9 +4,9 @@ Start-up (TGI's order): connect to the master shard, ServiceDiscovery, ClearCach
 limits, build the RouterState, start the step loop, then open /metrics (--prometheus-port), the public gRPC API
 (`text_generation_router.grpc_api.serve_grpc`) and last the HTTP API (uvicorn, the FastAPI app of
 `text_generation_router.api.create_app`), whose answer the launcher waits for; a port that cannot be bound stops
-the start-up with a StartupError naming it. One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop accepting (HTTP and gRPC), let in-flight
-requests finish; when --graceful-termination-timeout is up, end the rest with an error (an error event on a
-stream), then exit 0.
+the start-up with a StartupError naming it. One log line containing "ready" gives the URLs. SIGTERM/SIGINT: stop
+accepting (HTTP and gRPC), let in-flight requests finish; when --graceful-termination-timeout is up, end the rest
+with an error (an error event on a stream), then exit 0.
 
 Defaults derived from the model (stated here because TGI computes some of them in its launcher):
   * --max-total-tokens: min(max_position_embeddings, KV capacity after Warmup, --max-batch-total-tokens);
