@@ -7,11 +7,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import httpx
@@ -246,15 +244,9 @@ def test_no_tracing_without_an_endpoint():
 
 def _standin_shard(tmp_path):
     """The benchmark's stand-in shard (it answers Info, Warmup and Step without a model) on a unix socket."""
-    from text_generation_launcher.benchmark.served import ServerProcess, new_socket_dir
+    from text_generation_launcher.benchmark.router_alone import start_instant_shard
 
-    socket_dir = new_socket_dir()
-    uds = str(socket_dir / "shard")
-    shard = ServerProcess([sys.executable, "-m", "text_generation_launcher.benchmark.router_alone", uds, "300,301",
-                           "1000", "2"], tmp_path / "standin-shard.log")
-    shard.socket_dir = socket_dir
-    shard.wait_ready(lambda: Path(f"{uds}-0").exists(), 60)
-    return shard, f"{uds}-0"
+    return start_instant_shard([300, 301], 1000, [2], tmp_path / "standin-shard.log")
 
 
 def _router_argv(tokenizer_dir, uds: str, port: int, grpc_port: int, metrics_port: int) -> list[str]:

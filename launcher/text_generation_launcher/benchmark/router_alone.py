@@ -96,6 +96,19 @@ class InstantShard:
         return pb.StepResponse(generations=generations)
 
 
+def start_instant_shard(token_ids: list[int], vocab_size: int, eos_ids: list[int], log_path: Path):
+    """`InstantShard` in a process of its own, listening: (its ServerProcess, the socket to give the router as
+    --master-shard-uds-path). Closing the process removes the socket's directory."""
+    socket_dir = new_socket_dir()
+    uds = str(socket_dir / "shard")
+    shard = ServerProcess(
+        [sys.executable, "-m", __name__, uds, ",".join(map(str, token_ids)), str(vocab_size),
+         ",".join(map(str, eos_ids))], log_path)
+    shard.socket_dir = socket_dir
+    shard.wait_ready(lambda: Path(f"{uds}-0").exists(), 60)
+    return shard, f"{uds}-0"
+
+
 class RouterAlone:
     """The router's process and the stand-in shard's, for the waves of `prompts` (ordinary words)."""
 
@@ -104,18 +117,12 @@ class RouterAlone:
         eos = config.get("eos_token_id")
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         token_ids = sorted({i for p in prompts for i in p.ids} - set(eos_ids))[:64]
-        socket_dir = new_socket_dir()
-        uds = str(socket_dir / "shard")
-        self.shard = ServerProcess(
-            [sys.executable, "-m", __name__, uds, ",".join(map(str, token_ids)), str(config["vocab_size"]),
-             ",".join(map(str, eos_ids))], out / "router-alone-shard.log")
-        self.shard.socket_dir = socket_dir
-        self.shard.wait_ready(lambda: Path(f"{uds}-0").exists(), 60)
+        self.shard, uds = start_instant_shard(token_ids, config["vocab_size"], eos_ids, out / "router-alone-shard.log")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         router = Path(sys.executable).with_name("text-generation-router")
         self.router = ServerProcess(
-            [str(router), "--master-shard-uds-path", f"{uds}-0", "--tokenizer-name", str(model_dir),
+            [str(router), "--master-shard-uds-path", uds, "--tokenizer-name", str(model_dir),
              "--hostname", "127.0.0.1", "--port", str(port), "--grpc-port", "0",
              "--max-input-tokens", str(max_input), "--max-total-tokens", str(max_total)],
             out / "router-alone.log")
